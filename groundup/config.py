@@ -1,0 +1,344 @@
+"""Settings for every stage, as pydantic models.
+
+The same models are the parameters of the Prefect flows (the Prefect UI renders them as forms), the
+contents of the YAML profiles in ``groundup/profiles/`` and the targets of ``--set key=value`` overrides
+on the command line. Unknown keys are rejected everywhere, so a typo is an error instead of a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+THE_VERDICT_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+)
+INSTRUCTION_DATA_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+    "instruction-data.json"
+)
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+Accelerator = Literal["auto", "cpu", "cuda", "mps"]
+
+
+def _check_sha256(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise ValueError("sha256 must be 64 hexadecimal characters")
+    return value.lower()
+
+
+Sha256 = Annotated[str | None, AfterValidator(_check_sha256)]
+
+
+class Settings(BaseModel):
+    """Base for every settings model: strict about unknown keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def digest(self) -> str:
+        """A stable hash of the settings, used in cache keys and as an MLflow tag."""
+        return config_digest(self.model_dump(mode="json"))
+
+
+class RuntimeConfig(Settings):
+    """Where and how a training stage runs (Lightning Fabric's vocabulary)."""
+
+    accelerator: Accelerator = "auto"
+    devices: int = Field(1, ge=1, description="Devices per node; >1 launches a multi-process run.")
+    num_nodes: int = Field(1, ge=1)
+    precision: str | None = Field(
+        None,
+        description="Fabric precision, e.g. '32-true', 'bf16-mixed', 'bf16-true'. "
+        "Empty: '32-true' on CPU, 'bf16-mixed' on GPUs with bf16 support.",
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DataConfig(Settings):
+    """Pretraining text: where it comes from and how it is tokenized and split."""
+
+    source: str = Field(THE_VERDICT_URL, description="http(s)/file URL or local path of a UTF-8 text file.")
+    sha256: Sha256 = Field(None, description="Expected sha256 of the source; a mismatch is an error.")
+    tokenizer: Literal["gpt2", "r50k_base"] = "gpt2"
+    vocab_dir: str | None = Field(
+        None,
+        description="Directory with GPT-2 BPE files (vocab.bpe + encoder.json or r50k_base.tiktoken) "
+        "for offline use; empty means tiktoken's own download and cache.",
+    )
+    train_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="Share of tokens used for training.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model and pretraining
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Settings):
+    """A GPT architecture: a preset name plus optional overrides of its keys (the workshop's names)."""
+
+    preset: str = Field("gpt2-small", description="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|gpt-tiny|gpt-mini")
+    vocab_size: int | None = None
+    context_length: int | None = None
+    emb_dim: int | None = None
+    n_heads: int | None = None
+    n_layers: int | None = None
+    drop_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    qkv_bias: bool | None = None
+    tie_weights: bool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+
+
+class TrainConfig(Settings):
+    """The pretraining loop (defaults: the workshop's run)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)
+    max_length: int | None = Field(None, ge=1, description="Window length; empty means the context length.")
+    stride: int | None = Field(None, ge=1, description="Window stride; empty means max_length.")
+    lr: float = Field(4e-4, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    cosine_decay: bool = False
+    min_lr: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    grad_accum_steps: int = Field(1, ge=1)
+    eval_freq: int = Field(5, ge=1)
+    eval_iter: int = Field(5, ge=1)
+    start_context: str = "Every effort moves you"
+    sample_tokens: int = Field(50, ge=0)
+    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    seed: int = 123
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+class PretrainConfig(Settings):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-2 weights
+# ---------------------------------------------------------------------------------------------------------
+
+GPT2Size = Literal["124M", "355M", "774M", "1558M"]
+
+
+class WeightsConfig(Settings):
+    """Which pretrained GPT-2 to fetch and from where."""
+
+    size: GPT2Size = "124M"
+    source: Literal["openai", "huggingface"] = "huggingface"
+    from_dir: str | None = Field(None, description="Local directory with an OpenAI or HF checkpoint.")
+    openai_base_url: str = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+    openai_mirror_url: str | None = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+    hf_endpoint: str | None = Field(None, description="Hugging Face endpoint; empty means the default hub.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Instruction data, finetuning
+# ---------------------------------------------------------------------------------------------------------
+
+
+class InstructDataConfig(Settings):
+    source: str = Field(INSTRUCTION_DATA_URL, description="URL or path of a JSON / JSON Lines file.")
+    sha256: Sha256 = None
+    train_fraction: float = Field(0.85, gt=0.0, lt=1.0)
+    shuffle: bool = False
+    seed: int = 123
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train used for validation.")
+    limit: int | None = Field(None, ge=2, description="Use only the first N entries (quick runs).")
+
+
+class LoRAConfig(Settings):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False
+    mlp: bool = False
+    head: bool = False
+
+
+class FinetuneConfig(Settings):
+    engine: Literal["groundup", "litgpt"] = "groundup"
+    base: str = Field(
+        "gpt2-124M",
+        description="groundup: a GPT-2 size ('gpt2-124M') or a groundup checkpoint dir; "
+        "litgpt: a hub id (e.g. microsoft/phi-2) or a LitGPT checkpoint dir.",
+    )
+    epochs: int = Field(2, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    max_seq_length: int | None = Field(None, ge=8)
+    mask_prompt: bool = False
+    prompt_style: Literal["alpaca", "phi-3"] = "alpaca"
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"] | None = None
+    eval_interval: int = Field(50, ge=1)
+    log_interval: int = Field(10, ge=1)
+    seed: int = 1337
+    lora: LoRAConfig = LoRAConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    hf_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN is used)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GenerationConfig(Settings):
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int = 123
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="Answer only the first N test entries.")
+
+
+class JudgeConfig(Settings):
+    backend: Literal["litgpt", "openai-compatible"] = "litgpt"
+    model: str = Field("meta-llama/Meta-Llama-3-8B-Instruct", description="Hub id, checkpoint dir or served name.")
+    base_url: str | None = Field(None, description="openai-compatible: e.g. http://127.0.0.1:11434/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key, if any.")
+    quantize: Literal["bnb.nf4"] | None = None
+    max_new_tokens: int = Field(50, ge=1)
+    bootstrap_samples: int = Field(10_000, ge=100)
+    seed: int = 123
+    accelerator: Accelerator = "auto"
+
+
+class MCEvalConfig(Settings):
+    """Multiple-choice benchmark evaluation through lm-eval (the ``eval`` extra)."""
+
+    enabled: bool = False
+    tasks: list[str] = ["mmlu_philosophy"]
+    include_path: str | None = Field(None, description="Directory of local lm-eval task YAMLs (offline).")
+    batch_size: int = Field(4, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole pipeline
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PipelineConfig(Settings):
+    output_dir: str = Field("artifacts", description="Root for data, checkpoints, results and mlflow.db.")
+    experiment: str = "groundup"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    weights: WeightsConfig = WeightsConfig()
+    instruct: InstructDataConfig = InstructDataConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    generation: GenerationConfig = GenerationConfig()
+    judge: JudgeConfig = JudgeConfig()
+    mc_eval: MCEvalConfig = MCEvalConfig()
+
+    @property
+    def pretrain(self) -> PretrainConfig:
+        return PretrainConfig(data=self.data, model=self.model, train=self.train)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiles and overrides
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A profile or override that does not fit the settings models."""
+
+
+def config_digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def read_profile(profile: str | Path) -> dict[str, Any]:
+    """A profile is a name from ``groundup/profiles`` or a path to a YAML file."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{profile}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown profile {profile!r}; available: {', '.join(available_profiles())}")
+    elif not path.is_file():
+        raise ConfigError(f"profile file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {str(path)!r} must be a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars (``3``, ``1e-4``, ``true``, ``null``)."""
+    result = json.loads(json.dumps(data))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(
+    model: type[Settings] = PipelineConfig,
+    profile: str | Path | None = "quickstart",
+    overrides: list[str] | None = None,
+    section: str | None = None,
+) -> Settings:
+    """Build settings from a profile plus overrides.
+
+    ``section`` picks a sub-tree of a pipeline profile (e.g. ``"finetune"``) for a stage's own model;
+    for ``PretrainConfig`` the profile's ``data``, ``model`` and ``train`` sections are used.
+    """
+    data = read_profile(profile) if profile else {}
+    if model is PretrainConfig and section is None:
+        data = {k: data[k] for k in ("data", "model", "train") if k in data}
+    elif section is not None:
+        data = data.get(section, {}) or {}
+    data = apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings for {model.__name__}: {problems}") from None

@@ -1,0 +1,31 @@
+"""Process-wide settings that must be in place before Prefect, MLflow or Lightning are imported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Prefect's ephemeral API server needs ~25 s to start on a small machine; its default timeout is 20 s.
+DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def prepare(output_dir: str | Path = "artifacts") -> Path:
+    """Set defaults (never overriding what the user exported) and point MLflow at ``output_dir``.
+
+    Prefect results and the local Prefect home live under ``output_dir`` too unless the user chose
+    otherwise, so one folder holds everything a run produced.
+    """
+    out = Path(output_dir).resolve()
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(out / "prefect" / "results"))
+    os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
+    from groundup import tracking
+
+    tracking.configure(out)
+    return out

@@ -1,0 +1,106 @@
+"""What every Prefect task shares: content-addressed cache keys, tracked stage runs, artifacts, progress.
+
+Tasks are thin: they call a library function with paths and settings, and add caching, retries,
+MLflow runs and Prefect artifacts around it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import inspect
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect.context import TaskRunContext
+
+from groundup import tracking
+from groundup.files import sha256_file, sha256_tree
+
+# Parameters that say where to log, not what to compute: never part of a cache key.
+UNKEYED = {"parent_run_id", "experiment", "tracking_uri"}
+
+
+def _fingerprint(value: Any) -> Any:
+    """Content for paths that exist (so a changed byte is a miss and a moved file a hit), values otherwise."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path) or (isinstance(value, str) and "\n" not in value and len(value) < 4096):
+        path = Path(value)
+        try:
+            if path.is_file():
+                return {"file_sha256": sha256_file(path)}
+            if path.is_dir():
+                return {"tree_sha256": sha256_tree(path)}
+        except OSError:
+            pass
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _fingerprint(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_fingerprint(v) for v in value]
+    return value
+
+
+def content_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key from the task's source code and the *contents* of its inputs (files hashed, not paths)."""
+    task_fn = context.task.fn
+    try:
+        source = inspect.getsource(task_fn)
+    except (OSError, TypeError):
+        source = task_fn.__qualname__
+    payload = {
+        "task": context.task.name,
+        "source": hashlib.sha256(source.encode()).hexdigest(),
+        "inputs": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k not in UNKEYED},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    *,
+    config: Any = None,
+    parent_run_id: str | None = None,
+    output_dir: str | Path = "artifacts",
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+) -> Iterator[tracking.TrackedRun]:
+    """A nested MLflow run for one stage, tagged with the current Prefect flow run."""
+    with tracking.start_run(
+        stage,
+        experiment=experiment,
+        output_dir=output_dir,
+        parent_run_id=parent_run_id,
+        stage=stage,
+        config=config,
+        tags=tracking.flow_run_tags(),
+    ) as run:
+        yield run
+
+
+def png_markdown(png: str | Path, alt: str = "plot") -> str:
+    """Inline a PNG into markdown (Prefect artifacts have no file storage of their own)."""
+    data = base64.b64encode(Path(png).read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{data})"
+
+
+def progress_reporter(description: str, min_interval: float = 2.0) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback that keeps a Prefect progress artifact up to date (throttled)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact_id = create_progress_artifact(progress=0.0, description=description)
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < min_interval:
+            return
+        last[0] = now
+        update_progress_artifact(artifact_id, progress=100.0 * done / max(total, 1))
+
+    return report
