@@ -33,8 +33,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check groundup tests bench
 
+BENCHES := tokenize train generate load_weights finetune responses pipeline
+
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf artifacts .pytest_cache

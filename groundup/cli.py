@@ -75,11 +75,191 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_cli(args)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from groundup.config import PipelineConfig, local_sources
+
+    extra = local_sources(args.sources_dir) if args.sources_dir else []
+    if args.output_dir:
+        extra.append(f"output_dir={args.output_dir}")
+    config = _settings(args, PipelineConfig, extra=extra)
+    from groundup import environment
+
+    environment.prepare(config.output_dir)
+    from groundup.flows.pipeline import pipeline, summary
+
+    print(summary(pipeline(config=config), config.output_dir))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from groundup import serving
+
+    if args.stop:
+        stopped = serving.stop_ui(args.output_dir)
+        for server in stopped:
+            print(f"stopped the {server.name} server (pid {server.pid}, {server.url})")
+        if not stopped:
+            print(f"no groundup ui servers running for {Path(args.output_dir).resolve()}")
+        return 0
+    if len(serving.running_servers(args.output_dir)) < 2:
+        print("starting the Prefect and MLflow servers ...", flush=True)
+    servers = serving.start_ui(args.output_dir)
+    for server in servers.values():
+        print(f"{server.name:8} {server.url}   pid {server.pid}, log {server.log}")
+    print(f"runs with --output-dir {args.output_dir} now report to these servers; stop them: groundup ui --stop")
+    return 0
+
+
+def _deployments(args: argparse.Namespace, pool: bool = False):
+    """Prepare the environment (servers of `groundup ui` included) and build the declared deployments."""
+    import os
+
+    from groundup import serving
+    from groundup.config import local_sources
+
+    overrides = [*(local_sources(args.sources_dir) if args.sources_dir else []), *args.set]
+    if "PREFECT_API_URL" not in os.environ and "prefect" not in serving.running_servers(args.output_dir):
+        print("no Prefect server yet: starting `groundup ui` ...", flush=True)
+        for server in serving.start_ui(args.output_dir).values():
+            print(f"{server.name:8} {server.url}   (stop: groundup ui --stop)")
+    _prepare(args)
+    from groundup.flows.deployments import build_all
+
+    return build_all(args.file, args.profile, overrides, pool)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    deployments = _deployments(args)
+    from groundup.flows.deployments import serve_all
+
+    serve_all(deployments, limit=args.limit)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    deployments = _deployments(args, pool=True)
+    from groundup.flows.deployments import deploy_all
+
+    deploy_all(deployments, args.pool)
+    for deployment in deployments:
+        print(f"registered {deployment.flow_name}/{deployment.name} for work pool {args.pool}")
+    print(f"start a worker to run them: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def _sections(overrides: list[str], prefix: str) -> tuple[list[str], list[str]]:
+    """Split ``--set`` overrides into those for the ``prefix`` section (prefix removed) and the rest."""
+    mine = [o.removeprefix(prefix) for o in overrides if o.startswith(prefix)]
+    return mine, [o for o in overrides if not o.startswith(prefix)]
+
+
+def cmd_instruct_split(args: argparse.Namespace) -> int:
+    from groundup.config import InstructDataConfig
+
+    extra = [f"source={args.source}"] if args.source else []
+    if args.shuffle:
+        extra.append("shuffle=true")
+    if args.seed is not None:
+        extra.append(f"seed={args.seed}")
+    config = _settings(args, InstructDataConfig, section="instruct", extra=extra)
+    out = _prepare(args)
+    from groundup.tasks.finetune import split_instructions
+
+    result = split_instructions(config, output_dir=str(out))
+    if args.out:
+        from groundup.instruct.data import copy_split
+
+        result.update(copy_split(result, args.out))
+    _print(result)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from groundup.config import FinetuneConfig, InstructDataConfig, WeightsConfig, load_config
+
+    instruct_overrides, rest = _sections(args.set, "instruct.")
+    weights_overrides, rest = _sections(rest, "weights.")
+    finetune_overrides = [o.removeprefix("finetune.") for o in rest]
+    extra = [f"base={args.base}"] if args.base else []
+    if args.engine:
+        extra.append(f"engine={args.engine}")
+    config = load_config(FinetuneConfig, args.profile, [*extra, *finetune_overrides], section="finetune")
+    data = load_config(InstructDataConfig, args.profile, instruct_overrides, section="instruct")
+    # Where the groundup engine gets GPT-2 from when the base is a GPT-2 size (e.g. weights.from_dir=DIR).
+    weights = load_config(WeightsConfig, args.profile, weights_overrides, section="weights")
+    out = _prepare(args)
+    from groundup.flows.finetune import finetune
+
+    result = finetune(config=config, data=data, output_dir=str(out), weights=weights)
+    _print(result["finetune"])
+    return 0
+
+
+def cmd_gpt2(args: argparse.Namespace) -> int:
+    from groundup.config import WeightsConfig
+
+    extra = [f"{key}={value}" for key, value in (("size", args.size), ("source", args.source)) if value]
+    if args.from_dir:
+        extra.append(f"from_dir={Path(args.from_dir).resolve()}")
+    config = _settings(args, WeightsConfig, section="weights", extra=extra)
+    out = _prepare(args)
+    from groundup.flows.weights import load_gpt2
+
+    result = load_gpt2(config=config, output_dir=str(out), out_dir=str(Path(args.out).resolve()) if args.out else None)
+    print(result["checkpoint"])
+    return 0
+
+
+def _section_settings(args: argparse.Namespace, model, section: str):
+    """A stage section's settings; ``--set`` may name keys with or without the ``section.`` prefix."""
+    from groundup.config import load_config
+
+    return load_config(model, args.profile, [o.removeprefix(section + ".") for o in args.set], section=section)
+
+
+def cmd_respond(args: argparse.Namespace) -> int:
+    from groundup.config import GenerationConfig
+
+    config = _section_settings(args, GenerationConfig, "generation")
+    out = _prepare(args)
+    from groundup.tasks.evaluate import generate_responses
+
+    _print(generate_responses(args.test_data, args.base, args.finetuned, config, output_dir=str(out)))
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from groundup.config import JudgeConfig
+
+    config = _section_settings(args, JudgeConfig, "judge")
+    out = _prepare(args)
+    from groundup.tasks.evaluate import judge_responses
+
+    _print(judge_responses(args.responses, config, args.finetuned_ref, output_dir=str(out)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from groundup.config import EvaluateConfig
+
+    config = _settings(args, EvaluateConfig)
+    out = _prepare(args)
+    from groundup.flows.evaluate import evaluate
+
+    result = evaluate(
+        config=config, test_data=args.test_data, base_model=args.base, finetuned_model=args.finetuned,
+        finetuned_ref=args.finetuned_ref, base_ref=args.base_ref, output_dir=str(out),
+    )
+    _print(result)
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     _prepare(args)
-    from groundup import tracking
+    from groundup import serving, tracking
 
     tree = tracking.lineage(args.ref)
+    serving.link_flow_runs(tree, args.output_dir)
     print(json.dumps(tree, indent=2) if args.json else tracking.format_lineage(tree))
     return 0
 
@@ -126,6 +306,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
     p.add_argument("--output-dir", default="artifacts")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="run the whole pipeline in this process (embedded Prefect API and MLflow)")
+    _common(p)
+    p.set_defaults(output_dir=None)  # the profile's output_dir unless given
+    p.add_argument("--sources-dir", metavar="DIR", help="offline: read every source from DIR (see README)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ui", help="start (or --stop) a Prefect server and an MLflow server on 127.0.0.1")
+    p.add_argument("--stop", action="store_true", help="stop the servers this command started")
+    p.add_argument("--output-dir", default="artifacts", help="where runs, logs and pids live (default: %(default)s)")
+    p.set_defaults(func=cmd_ui)
+
+    for name, helptext, func in (
+        ("serve", "serve every deployment of deployments/prefect.yaml from this process (schedules active)", cmd_serve),
+        ("deploy", "register every deployment of deployments/prefect.yaml for the workers of a work pool", cmd_deploy),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        _common(p)
+        p.add_argument("--sources-dir", metavar="DIR", help="default every deployment's sources to files in DIR")
+        p.add_argument("--file", default=None, help="deployments file (default: deployments/prefect.yaml)")
+        if name == "serve":
+            p.add_argument("--limit", type=int, help="at most this many concurrent flow runs")
+        else:
+            p.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("instruct", help="instruction data")
+    instruct = p.add_subparsers(dest="instruct_command", required=True)
+    p = instruct.add_parser("split", help="fetch, validate and split the instruction data into train/test")
+    p.add_argument("--source", help="URL or path of a JSON / JSON Lines file (default: the workshop's data)")
+    p.add_argument("--out", metavar="DIR", help="also copy train.json and test.json into DIR")
+    p.add_argument("--shuffle", action="store_true", help="shuffle (with --seed) before splitting")
+    p.add_argument("--seed", type=int, help="shuffle seed (default: the profile's instruct.seed)")
+    _common(p)
+    p.set_defaults(func=cmd_instruct_split)
+
+    p = sub.add_parser("finetune", help="split the instruction data and LoRA-finetune a base model")
+    p.add_argument("--base", metavar="ID_OR_DIR", help="hub id or checkpoint dir (default: the profile's)")
+    p.add_argument("--engine", choices=["groundup", "litgpt"], help="default: the profile's finetune.engine")
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("gpt2", help="fetch pretrained GPT-2 weights, convert them; prints the checkpoint path")
+    p.add_argument("--size", help="124M, 355M, 774M or 1558M (default: the profile's weights.size)")
+    p.add_argument("--source", help="openai or huggingface (default: the profile's weights.source)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="a local OpenAI or Hugging Face checkpoint dir")
+    p.add_argument("--out", metavar="DIR", help="where the converted checkpoint goes (default: under --output-dir)")
+    _common(p)
+    p.set_defaults(func=cmd_gpt2)
+
+    model_help = "LitGPT checkpoint dir or hub id, groundup checkpoint dir, or LoRA adapter dir"
+    p = sub.add_parser("respond", help="test-set responses of a base and a finetuned model (JSON Lines)")
+    p.add_argument("test_data", help="JSON / JSON Lines test entries (instruction, input, output)")
+    p.add_argument("base", help=model_help)
+    p.add_argument("finetuned", help=model_help)
+    _common(p)
+    p.set_defaults(func=cmd_respond)
+
+    p = sub.add_parser("judge", help="score a responses file with an LLM judge (settings: judge.*)")
+    p.add_argument("responses", help="responses file written by `groundup respond`")
+    p.add_argument("--finetuned-ref", help="registered finetuned model (name/version) to record the scores on")
+    _common(p)
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("evaluate", help="responses, judge and multiple-choice evaluation in one flow")
+    p.add_argument("test_data", help="JSON / JSON Lines test entries (instruction, input, output)")
+    p.add_argument("base", help=model_help)
+    p.add_argument("finetuned", help=model_help)
+    p.add_argument("--finetuned-ref", help="registered finetuned model (name/version) to record evaluations on")
+    p.add_argument("--base-ref", help="registered base model (name/version) to record its benchmark on")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("lineage", help="print the lineage of a registered model version as a tree")
     p.add_argument("ref", help="name, name/version or name@alias")

@@ -125,6 +125,11 @@ class TrainConfig(Settings):
     checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     seed: int = 123
+    init: Literal["pytorch", "gpt2"] = Field(
+        "pytorch",
+        description="Initial weights: 'pytorch' (PyTorch's defaults after manual_seed(seed), as the workshop; "
+        "reproduces its initial losses) or 'gpt2' (N(0, 0.02), residual projections scaled down).",
+    )
     runtime: RuntimeConfig = RuntimeConfig()
 
 
@@ -144,6 +149,10 @@ GPT2Size = Literal["124M", "355M", "774M", "1558M"]
 class WeightsConfig(Settings):
     """Which pretrained GPT-2 to fetch and from where."""
 
+    enabled: bool = Field(
+        True, description="Pipeline: fetch GPT-2 weights (off offline without a checkpoint; then finetune.base "
+        "must be 'pretrained' or a directory).",
+    )
     size: GPT2Size = "124M"
     source: Literal["openai", "huggingface"] = "huggingface"
     from_dir: str | None = Field(None, description="Local directory with an OpenAI or HF checkpoint.")
@@ -179,12 +188,16 @@ class LoRAConfig(Settings):
     head: bool = False
 
 
+# ``finetune.base`` naming the pipeline's own pretrained model (no GPT-2 weights needed, e.g. offline).
+PRETRAINED_BASE = "pretrained"
+
+
 class FinetuneConfig(Settings):
     engine: Literal["groundup", "litgpt"] = "groundup"
     base: str = Field(
         "gpt2-124M",
-        description="groundup: a GPT-2 size ('gpt2-124M') or a groundup checkpoint dir; "
-        "litgpt: a hub id (e.g. microsoft/phi-2) or a LitGPT checkpoint dir.",
+        description="groundup: a GPT-2 size ('gpt2-124M'), a groundup checkpoint dir, or 'pretrained' (the "
+        "pipeline's own pretrained model); litgpt: a hub id (e.g. microsoft/phi-2) or a LitGPT checkpoint dir.",
     )
     epochs: int = Field(2, ge=1)
     global_batch_size: int = Field(8, ge=1)
@@ -196,7 +209,7 @@ class FinetuneConfig(Settings):
     max_seq_length: int | None = Field(None, ge=8)
     mask_prompt: bool = False
     prompt_style: Literal["alpaca", "phi-3"] = "alpaca"
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"] | None = None
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None
     eval_interval: int = Field(50, ge=1)
     log_interval: int = Field(10, ge=1)
     seed: int = 1337
@@ -218,17 +231,26 @@ class GenerationConfig(Settings):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int = 123
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Prompts of equal token length generated together.")
     limit: int | None = Field(None, ge=1, description="Answer only the first N test entries.")
+    prompt_style: Literal["alpaca", "phi-3"] = Field("alpaca", description="As in finetune.prompt_style.")
+    accelerator: Accelerator = "auto"
 
 
 class JudgeConfig(Settings):
+    enabled: bool = Field(True, description="Off: the pipeline stops after the responses (no judge available).")
     backend: Literal["litgpt", "openai-compatible"] = "litgpt"
     model: str = Field("meta-llama/Meta-Llama-3-8B-Instruct", description="Hub id, checkpoint dir or served name.")
     base_url: str | None = Field(None, description="openai-compatible: e.g. http://127.0.0.1:11434/v1")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key, if any.")
     quantize: Literal["bnb.nf4"] | None = None
     max_new_tokens: int = Field(50, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy: the same reply every time.")
+    chat_template: str | None = Field(
+        None, description="litgpt: a LitGPT prompt style (e.g. 'llama3'); empty means the model's own."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="openai-compatible: seconds per request.")
+    retries: int = Field(3, ge=0, description="openai-compatible: retries on connection errors, 429 and 5xx.")
     bootstrap_samples: int = Field(10_000, ge=100)
     seed: int = 123
     accelerator: Accelerator = "auto"
@@ -242,6 +264,15 @@ class MCEvalConfig(Settings):
     include_path: str | None = Field(None, description="Directory of local lm-eval task YAMLs (offline).")
     batch_size: int = Field(4, ge=1)
     limit: int | None = Field(None, ge=1)
+    accelerator: Accelerator = "auto"
+
+
+class EvaluateConfig(Settings):
+    """The evaluation stage: responses, the judge and (optionally) multiple-choice benchmarks."""
+
+    generation: GenerationConfig = GenerationConfig()
+    judge: JudgeConfig = JudgeConfig()
+    mc_eval: MCEvalConfig = MCEvalConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,6 +296,10 @@ class PipelineConfig(Settings):
     @property
     def pretrain(self) -> PretrainConfig:
         return PretrainConfig(data=self.data, model=self.model, train=self.train)
+
+    @property
+    def evaluate(self) -> EvaluateConfig:
+        return EvaluateConfig(generation=self.generation, judge=self.judge, mc_eval=self.mc_eval)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,6 +353,47 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return result
 
 
+# What ``--sources-dir DIR`` looks for in DIR, and the settings each one fills in.
+LOCAL_TEXT = "the-verdict.txt"
+LOCAL_INSTRUCTIONS = "instruction-data.json"
+LOCAL_GPT2 = "gpt2"  # an OpenAI (hparams.json) or Hugging Face (config.json) GPT-2 checkpoint
+LOCAL_JUDGE = "judge"  # a LitGPT checkpoint
+
+
+def local_sources(directory: str | Path) -> list[str]:
+    """Overrides that point every source of the pipeline at files in ``directory`` (the offline option).
+
+    Required: the pretraining text and the instruction data. Used when present: GPT-2 BPE files (in
+    ``vocab/gpt2`` inside ``directory`` or beside it, which is the layout of ``../shared``),
+    a GPT-2 checkpoint in ``gpt2/`` and a LitGPT judge checkpoint in ``judge/``. Without a GPT-2 checkpoint
+    the finetuning base is the model pretrained in the same run; without a judge, judging is skipped.
+    """
+    root = Path(directory).resolve()
+    missing = [name for name in (LOCAL_TEXT, LOCAL_INSTRUCTIONS) if not (root / name).is_file()]
+    if missing:
+        raise ConfigError(f"sources dir {str(root)!r} lacks {', '.join(missing)}")
+    overrides = [f"data.source={root / LOCAL_TEXT}", f"instruct.source={root / LOCAL_INSTRUCTIONS}"]
+    vocab = local_vocab_dir(root)
+    if vocab:
+        overrides.append(f"data.vocab_dir={vocab}")
+    gpt2 = root / LOCAL_GPT2
+    if (gpt2 / "hparams.json").is_file() or (gpt2 / "config.json").is_file():
+        overrides.append(f"weights.from_dir={gpt2}")
+    else:
+        overrides += ["weights.enabled=false", f"finetune.base={PRETRAINED_BASE}"]
+    judge = root / LOCAL_JUDGE
+    if (judge / "lit_model.pth").is_file():
+        overrides += ["judge.backend=litgpt", f"judge.model={judge}"]
+    else:
+        overrides.append("judge.enabled=false")
+    return overrides
+
+
+def local_vocab_dir(root: Path) -> Path | None:
+    """The tokenizer checks the files; here only where they would be."""
+    return next((d for d in (root / "vocab" / "gpt2", root.parent / "vocab" / "gpt2") if d.is_dir()), None)
+
+
 def load_config(
     model: type[Settings] = PipelineConfig,
     profile: str | Path | None = "quickstart",
@@ -327,11 +403,14 @@ def load_config(
     """Build settings from a profile plus overrides.
 
     ``section`` picks a sub-tree of a pipeline profile (e.g. ``"finetune"``) for a stage's own model;
-    for ``PretrainConfig`` the profile's ``data``, ``model`` and ``train`` sections are used.
+    for ``PretrainConfig`` the profile's ``data``, ``model`` and ``train`` sections are used, for
+    ``EvaluateConfig`` its ``generation``, ``judge`` and ``mc_eval`` sections.
     """
     data = read_profile(profile) if profile else {}
     if model is PretrainConfig and section is None:
         data = {k: data[k] for k in ("data", "model", "train") if k in data}
+    elif model is EvaluateConfig and section is None:
+        data = {k: data[k] for k in ("generation", "judge", "mc_eval") if k in data}
     elif section is not None:
         data = data.get(section, {}) or {}
     data = apply_overrides(data, overrides)

@@ -11,6 +11,7 @@ resumes with a Range request; the final file only appears, by rename, once its s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,8 +33,23 @@ log = logging.getLogger(__name__)
 USER_AGENT = "groundup/0.1 (+https://github.com/groundup)"
 
 
+# A body cut short surfaces from requests as ChunkedEncodingError (urllib3's IncompleteRead), which is not a
+# ConnectionError; it is the very case Range resume exists for.
+RETRYABLE = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    ConnectionError,
+    requests.HTTPError,
+)
+
+
 class DownloadError(RuntimeError):
     """A source that could not be fetched or failed its integrity checks; the message names the source."""
+
+    # True when some URL failed for a reason that may pass (connection, timeout, 5xx), so trying again later
+    # (e.g. a Prefect task retry) makes sense; False when all failed for good (404, no such file, checksum).
+    retryable = False
 
 
 class ChecksumError(DownloadError):
@@ -152,6 +168,8 @@ def download(
     part_url = dest.with_name(dest.name + ".part.url")
     session = session or requests.Session()
     errors: list[str] = []
+    checksum_failures = 0
+    transient_failures = 0
     for candidate in [url, *mirrors]:
         local = local_path(candidate)
         if local is not None:
@@ -163,6 +181,7 @@ def download(
                 return Fetched(dest, digest, dest.stat().st_size, candidate)
             except DownloadError as exc:
                 errors.append(str(exc))
+                checksum_failures += isinstance(exc, ChecksumError)
                 continue
         # A partial file from another URL may hold other bytes: only resume our own.
         if part.exists() and (not part_url.exists() or part_url.read_text() != candidate):
@@ -178,12 +197,13 @@ def download(
             except ChecksumError as exc:
                 part.unlink(missing_ok=True)
                 errors.append(str(exc))
+                checksum_failures += 1
                 break
             except DownloadError as exc:
                 part.unlink(missing_ok=True)
                 errors.append(str(exc))
                 break
-            except (requests.ConnectionError, requests.Timeout, ConnectionError, requests.HTTPError) as exc:
+            except RETRYABLE as exc:
                 status = getattr(getattr(exc, "response", None), "status_code", None)
                 if status is not None and 400 <= status < 500:
                     part.unlink(missing_ok=True)
@@ -191,6 +211,7 @@ def download(
                     break
                 if attempt == retries:
                     errors.append(f"{candidate}: {type(exc).__name__}: {exc} (after {retries + 1} attempts)")
+                    transient_failures += 1
                     break
                 delay = backoff * (2**attempt)
                 log.warning("%s: %s; retrying in %.1fs (attempt %d/%d)", candidate, exc, delay, attempt + 2, retries + 1)
@@ -198,7 +219,12 @@ def download(
     # Nothing verified: leave no partial state behind for a source we gave up on.
     part.unlink(missing_ok=True)
     part_url.unlink(missing_ok=True)
-    raise DownloadError("could not fetch " + url + ": " + "; ".join(errors))
+    # Only wrong bytes everywhere is a ChecksumError; callers treat it differently from "unreachable".
+    error = (ChecksumError if checksum_failures == len(errors) else DownloadError)(
+        "could not fetch " + url + ": " + "; ".join(errors)
+    )
+    error.retryable = transient_failures > 0
+    raise error
 
 
 def fetch(
@@ -227,7 +253,14 @@ def fetch(
         if cached.is_file():
             return download(source, cached, sha256=sha256, **kwargs)
     staging = cache_dir / "incoming" / hashlib.sha256(source.encode()).hexdigest()[:16] / name
-    fetched = download(source, staging, sha256=sha256, **kwargs)
+    try:
+        fetched = download(source, staging, sha256=sha256, **kwargs)
+    except DownloadError:
+        # download() removed its partial files; drop the then empty staging folders too.
+        shutil.rmtree(staging.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.parent.parent.rmdir()
+        raise
     final = cache_dir / fetched.sha256 / name
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(fetched.path, final)

@@ -10,6 +10,8 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    # Prefect's servers (embedded or `groundup ui`) would phone home; offline that only logs errors.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -25,6 +27,11 @@ def prepare(output_dir: str | Path = "artifacts") -> Path:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(out / "prefect" / "results"))
     os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
+    # Servers started by `groundup ui` for this output dir replace the embedded API and SQLite store.
+    from groundup import serving
+
+    for key, value in serving.server_environment(out).items():
+        os.environ.setdefault(key, value)
     from groundup import tracking
 
     tracking.configure(out)

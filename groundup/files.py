@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,3 +64,24 @@ def write_json(destination: str | Path, data: Any, indent: int | None = 2) -> Pa
         json.dump(data, fh, indent=indent, ensure_ascii=False)
         fh.write("\n")
     return Path(destination)
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``destination`` to fill; it replaces ``destination`` as a whole
+    only if the block succeeds, so a failure or a kill never leaves a half-written directory there."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    try:
+        yield tmp
+        if destination.exists():
+            # Directories cannot be renamed over non-empty ones: move the old one aside first.
+            old = tmp.with_suffix(".old")
+            os.replace(destination, old)
+            os.replace(tmp, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, destination)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -146,8 +146,9 @@ class TrackedRun:
                 self._client.log_metric(self.run_id, key, float(value), step=step or 0)
 
     def log_metric_history(self, key: str, values: list[tuple[int, float]]) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(v), now, int(s)) for s, v in values]
@@ -357,6 +358,21 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
     client().set_registered_model_alias(name, alias, str(version))
 
 
+def alias_target(name: str, alias: str) -> ModelVersion | None:
+    """The version ``name@alias`` points at, or None when the alias (or the model) does not exist."""
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_version_tags(ref: str, tags: Mapping[str, Any]) -> None:
+    version = resolve_version(ref)
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(version.name, version.version, key, str(value))
+
+
 def model_directory(ref: str, dst: str | Path | None = None) -> Path:
     """Download (or find locally) the files of a registered model version."""
     version = resolve_version(ref)
@@ -398,6 +414,8 @@ def lineage(ref: str) -> dict[str, Any]:
         "flow_run_url": tags.get(TAG + "flow_run_url"),
         "datasets": {k.removeprefix(TAG + "dataset."): v for k, v in tags.items() if k.startswith(TAG + "dataset.")},
         "evaluations": [],
+        "promotion": tags.get(TAG + "promotion"),
+        "promotion_reason": tags.get(TAG + "promotion.reason"),
         "parent": None,
     }
     for run_id in filter(None, tags.get(TAG + "evaluated_by", "").split(",")):
@@ -427,8 +445,12 @@ def format_lineage(node: dict[str, Any], indent: str = "") -> str:
                 lines.append(f"{pad}{key}: {node[key]}")
         for name, digest in sorted(node.get("datasets", {}).items()):
             lines.append(f"{pad}dataset {name}: sha256 {digest}")
+        if node.get("promotion"):
+            lines.append(f"{pad}promotion: {node['promotion']} ({node.get('promotion_reason')})")
         for ev in node.get("evaluations", []):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(ev["metrics"].items())[:6])
+            # Means first: with many metrics, they are the ones worth a line.
+            ranked = sorted(ev["metrics"].items(), key=lambda kv: (not kv[0].endswith(".mean"), kv[0]))
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in ranked[:6])
             lines.append(f"{pad}evaluated by {ev['name']} ({ev['run_id']}): {shown}")
     if node.get("parent"):
         lines.append(f"{pad}derived from:")

@@ -18,6 +18,8 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# transformers imports TensorFlow (~15 s) just to check whether it is installed, unless told not to.
+os.environ.setdefault("USE_TF", "0")
 if (SHARED / "vocab" / "gpt2").is_dir():
     os.environ.setdefault("GROUNDUP_GPT2_VOCAB_DIR", str(SHARED / "vocab" / "gpt2"))
 
@@ -77,3 +79,11 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_litgpt_dir(tmp_path_factory, verdict_path) -> Path:
+    """A tiny real LitGPT checkpoint (random weights, BPE trained on the-verdict); treat it as read-only."""
+    from tests.litgpt_tiny import build_tiny_litgpt_checkpoint
+
+    return build_tiny_litgpt_checkpoint(tmp_path_factory.mktemp("litgpt") / "tiny-pythia", verdict_path)

@@ -3,7 +3,8 @@
 Files are served from a directory the test fills. Faults are set per path:
 ``server.fail(path, status=500, times=2)`` answers with an error status that many times;
 ``server.drop(path, after=N, times=1)`` sends the headers for the whole file, then closes the connection
-after N body bytes (a truncated transfer); ``server.ignore_range = True`` makes it answer 200 to Range.
+after N body bytes (a truncated transfer); ``server.ignore_range = True`` makes it answer 200 to Range;
+``server.headers[path]`` adds response headers.
 Every request is recorded in ``server.requests`` as (method, path, Range header or None).
 """
 
@@ -22,6 +23,8 @@ class FileServer:
         self.failures: dict[str, list[int]] = {}
         self.drops: dict[str, list[int]] = {}
         self.ignore_range = False
+        # Extra response headers per path (e.g. the Hugging Face Hub's X-Repo-Commit / X-Linked-Etag).
+        self.headers: dict[str, dict[str, str]] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -91,6 +94,8 @@ class FileServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("ETag", f'"{hash(data) & 0xFFFFFFFF:x}"')
+                for key, value in server.headers.get(rel, {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
                 if head:
                     return

@@ -53,6 +53,13 @@ def read_metadata(directory: str | Path) -> dict:
     return json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
 
 
+def tokenizer_name(directory: str | Path) -> str:
+    """The tokenizer a model was trained with: pretraining records it in config.json; GPT-2's BPE otherwise
+    (converted GPT-2 weights, LoRA adapter dirs)."""
+    path = Path(directory) / CONFIG_FILE
+    return read_metadata(directory).get("tokenizer", "gpt2") if path.is_file() else "gpt2"
+
+
 def load_state(directory: str | Path, model: GPTModel) -> GPTModel:
     """Load weights into ``model``; every missing, unexpected or misshapen tensor is named in the error."""
     path = Path(directory) / WEIGHTS_FILE

@@ -23,6 +23,9 @@ from groundup.files import sha256_file, sha256_tree
 
 # Parameters that say where to log, not what to compute: never part of a cache key.
 UNKEYED = {"parent_run_id", "experiment", "tracking_uri"}
+# Parameters that say where outputs go: keyed by their path. Their contents change with every run (mlflow.db,
+# results) and may be gigabytes, so hashing them would make every call a slow cache miss.
+LOCATIONS = {"output_dir", "out_dir"}
 
 
 def _fingerprint(value: Any) -> Any:
@@ -56,7 +59,11 @@ def content_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     payload = {
         "task": context.task.name,
         "source": hashlib.sha256(source.encode()).hexdigest(),
-        "inputs": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k not in UNKEYED},
+        "inputs": {
+            k: str(Path(v).resolve()) if k in LOCATIONS and v is not None else _fingerprint(v)
+            for k, v in sorted(parameters.items())
+            if k not in UNKEYED
+        },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -104,3 +111,21 @@ def progress_reporter(description: str, min_interval: float = 2.0) -> Callable[[
         update_progress_artifact(artifact_id, progress=100.0 * done / max(total, 1))
 
     return report
+
+
+def content_key_with(*fields: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """:func:`content_key` that also hashes the files or directories named by settings fields, given as
+    ``"parameter.field"`` (e.g. ``"config.source"``): inside a settings model a path is just a string to
+    ``content_key``, so an edited local file would otherwise be a cache hit."""
+
+    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        named = {}
+        for dotted in fields:
+            parameter, _, attribute = dotted.partition(".")
+            value = parameters.get(parameter)
+            for part in filter(None, attribute.split(".")):
+                value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+            named[f"content of {dotted}"] = value
+        return content_key(context, {**parameters, **named})
+
+    return key
