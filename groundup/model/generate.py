@@ -1,0 +1,247 @@
+"""Text generation: the workshop's greedy loop, sampling (temperature, top-k, top-p), end-of-text stop,
+streaming, and a KV cache.
+
+With the cache, the prompt is run through the model once ("prefill") and every later step feeds only the
+newest token, attending to the keys and values stored for the earlier ones: linear instead of quadratic
+work in the output length. Position embeddings are absolute, so a cache cannot slide: once the sequence
+outgrows the context window, every step re-prefills the cropped window, which is exactly what the uncached
+loop computes. That keeps greedy output identical with and without the cache at any length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments or a model reference that cannot be resolved."""
+
+
+def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
+    """The workshop's greedy loop: recompute the (cropped) context each step, append the argmax."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)[:, -1, :]
+        idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from ``(batch, vocab)`` logits; returns ``(batch, 1)``.
+
+    ``temperature == 0`` is greedy (top-k/top-p cannot change the argmax). Otherwise the logits are scaled
+    by ``1/temperature``, cut to the ``top_k`` largest and to the smallest set whose probability reaches
+    ``top_p`` (always at least one token), and sampled.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first one always stays.
+        outside = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def _check_arguments(
+    model: nn.Module,
+    idx: torch.Tensor,
+    context_size: int | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    use_cache: bool,
+) -> int:
+    """The context window to crop to, after checking every argument."""
+    if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype != torch.long:
+        raise GenerationError(
+            f"idx must be a (batch, tokens) LongTensor with at least one token, got {idx.dtype} {tuple(idx.shape)}"
+        )
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    model_context = getattr(getattr(model, "cfg", None), "context_length", None)
+    if use_cache and not hasattr(model, "new_cache"):
+        raise GenerationError(f"{type(model).__name__} has no KV cache (new_cache); pass use_cache=False")
+    window = context_size if context_size is not None else model_context
+    if window is None:
+        raise GenerationError(f"{type(model).__name__} does not say its context length; pass context_size")
+    if window < 1:
+        raise GenerationError(f"context_size must be positive, got {window}")
+    return min(window, model_context) if model_context else window
+
+
+def stream(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    context_size: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next ``(batch, 1)`` tokens one step at a time.
+
+    Each row ends at its first ``eos_id``, which is not yielded; generation stops once every row has
+    ended, and a row that ended earlier is padded with ``eos_id`` meanwhile. ``seed`` makes sampling
+    reproducible without touching the global RNG. The model runs in eval mode, then gets its mode back.
+    Arguments are checked here, before the first token is asked for.
+    """
+    window = _check_arguments(model, idx, context_size, temperature, top_k, top_p, use_cache)
+    return _stream(model, idx, max_new_tokens, window, temperature, top_k, top_p, eos_id, use_cache, seed)
+
+
+def _stream(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    window: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    use_cache: bool,
+    seed: int | None,
+) -> Iterator[torch.Tensor]:
+    generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cache = model.new_cache(idx.shape[0], window) if use_cache else None
+    tokens = idx
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for step in range(max_new_tokens):
+                if cache is None:
+                    logits = model(tokens[:, -window:])
+                elif step == 0 or cache.length >= window:
+                    cache.length = 0  # (re)prefill: the whole cropped window at positions 0..window-1
+                    logits = model(tokens[:, -window:], cache)
+                else:
+                    logits = model(tokens[:, -1:], cache)
+                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    next_token = next_token.masked_fill(finished.unsqueeze(1), eos_id)
+                    finished |= next_token.squeeze(1) == eos_id
+                    if finished.all():
+                        return
+                tokens = torch.cat((tokens, next_token), dim=1)
+                yield next_token
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    context_size: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``idx`` followed by up to ``max_new_tokens`` generated tokens (see :func:`stream`)."""
+    new = list(
+        stream(
+            model, idx, max_new_tokens, context_size=context_size, temperature=temperature, top_k=top_k,
+            top_p=top_p, eos_id=eos_id, use_cache=use_cache, seed=seed,
+        )
+    )
+    return torch.cat([idx, *new], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `groundup generate`
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_model_directory(ref: str, output_dir: str | Path) -> Path:
+    """A model directory as given, else a registered model (``name``, ``name/3``, ``name@alias``)."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    from groundup import environment
+
+    environment.prepare(output_dir)
+    from mlflow.exceptions import MlflowException
+
+    from groundup import tracking
+
+    try:
+        return tracking.model_directory(ref)
+    except (MlflowException, LookupError) as exc:
+        raise GenerationError(
+            f"model {ref!r} is neither a checkpoint directory nor a registered model in "
+            f"{tracking.default_tracking_uri(output_dir)} ({exc})"
+        ) from None
+
+
+def generate_cli(args: argparse.Namespace) -> int:
+    """Load a model, generate from ``args.prompt`` and write the text to stdout (token by token)."""
+    from groundup.model.io import load_model, tokenizer_name
+    from groundup.text.tokenizers import get_tokenizer, text_to_token_ids
+
+    directory = resolve_model_directory(args.model, args.output_dir)
+    device = default_device()
+    model = load_model(directory, device)
+    tokenizer = get_tokenizer(tokenizer_name(directory))
+    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+    tokens = stream(
+        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        eos_id=tokenizer.eot_token, use_cache=not args.no_kv_cache, seed=args.seed,
+    )
+    # A BPE token can end inside a multi-byte character: decode bytes incrementally.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    out.write(args.prompt)
+    pieces = []
+    for token in tokens:
+        text = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+        if args.no_stream:
+            pieces.append(text)
+        else:
+            out.write(text)
+            out.flush()
+    out.write("".join(pieces) + decoder.decode(b"", final=True) + "\n")
+    out.flush()
+    return 0

@@ -1,0 +1,187 @@
+"""Generation: greedy with and without the KV cache, sampling, end-of-text, streaming, `groundup generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from groundup.model.generate import GenerationError, generate, generate_text_simple, sample_next, stream
+from groundup.model.gpt import GPTModel, config_from_preset, init_weights
+from groundup.model.io import save_checkpoint
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTModel:
+    torch.manual_seed(1)
+    # Larger-than-GPT-2 init spread: confident, varied predictions instead of a near-uniform tie-fest.
+    gpt = GPTModel(config_from_preset("gpt-tiny", vocab_size=VOCAB, context_length=32, drop_rate=0.2))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.3)
+    return gpt.eval()
+
+
+def prompts(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("new_tokens", [5, 25, 60])  # within, up to and well past the context of 32
+def test_greedy_is_the_same_with_and_without_cache(model, new_tokens):
+    idx = prompts()
+    cached = generate(model, idx, new_tokens, use_cache=True)
+    uncached = generate(model, idx, new_tokens, use_cache=False)
+    assert cached.shape == (2, 7 + new_tokens)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(uncached, generate_text_simple(model, idx, new_tokens, context_size=32))
+
+
+def test_a_shorter_context_size_crops_the_same_way_with_the_cache(model):
+    idx = prompts(batch=1, length=12)
+    cached = generate(model, idx, 20, context_size=8)
+    assert torch.equal(cached, generate(model, idx, 20, context_size=8, use_cache=False))
+    assert torch.equal(cached, generate_text_simple(model, idx, 20, context_size=8))
+    assert not torch.equal(cached, generate(model, idx, 20))  # the window really was shorter
+
+
+def test_batched_rows_match_single_prompts(model):
+    idx = prompts(batch=3)
+    batched = generate(model, idx, 10)
+    for row in range(3):
+        assert torch.equal(batched[row : row + 1], generate(model, idx[row : row + 1], 10))
+
+
+def test_stream_yields_the_generated_tokens_one_by_one(model):
+    idx = prompts(batch=1)
+    steps = list(stream(model, idx, 8))
+    assert len(steps) == 8 and all(step.shape == (1, 1) for step in steps)
+    assert torch.equal(torch.cat([idx, *steps], dim=1), generate(model, idx, 8))
+
+
+def test_generation_keeps_the_models_mode_and_ignores_dropout(model):
+    model.train()
+    try:
+        idx = prompts(batch=1)
+        first, second = generate(model, idx, 10), generate(model, idx, 10)
+        assert torch.equal(first, second)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_end_of_text_stops_each_row_and_pads_finished_ones(model):
+    idx = prompts(batch=2, seed=3)
+    free = generate(model, idx, 12)[:, 7:]
+    eos = int(free[0, 2])
+    stopped = generate(model, idx, 12, eos_id=eos)[:, 7:]
+    for row in range(2):
+        hits = (free[row] == eos).nonzero()
+        end = int(hits[0]) if len(hits) else 12
+        assert torch.equal(stopped[row, :end], free[row, :end])
+        assert bool((stopped[row, end:] == eos).all())
+    single = generate(model, idx[:1], 12, eos_id=eos)
+    assert single.shape[1] == 7 + int((free[0] == eos).nonzero()[0])  # a lone row: eos itself is not kept
+
+
+def test_seeded_sampling_is_reproducible_and_does_not_touch_the_global_rng(model):
+    idx = prompts(batch=1)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = generate(model, idx, 20, temperature=1.5, seed=42)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a, generate(model, idx, 20, temperature=1.5, seed=42))
+    assert torch.equal(a, generate(model, idx, 20, temperature=1.5, seed=42, use_cache=False))
+    assert not torch.equal(a, generate(model, idx, 20, temperature=1.5, seed=43))
+
+
+def test_top_k_one_and_a_tiny_top_p_are_greedy(model):
+    idx = prompts(batch=2)
+    greedy = generate(model, idx, 15)
+    assert torch.equal(generate(model, idx, 15, temperature=2.0, top_k=1, seed=0), greedy)
+    assert torch.equal(generate(model, idx, 15, temperature=2.0, top_p=1e-6, seed=0), greedy)
+
+
+def test_top_k_and_top_p_restrict_the_sampled_tokens():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log().expand(400, 4)
+    generator = torch.Generator().manual_seed(0)
+    top2 = sample_next(logits, temperature=1.0, top_k=2, generator=generator).flatten()
+    assert set(top2.tolist()) == {1, 3}
+    # 0.5 + 0.3 reaches 0.8: tokens 1 and 3 form the nucleus; at 0.81 token 2 joins.
+    nucleus = sample_next(logits, temperature=1.0, top_p=0.8, generator=generator).flatten()
+    assert set(nucleus.tolist()) == {1, 3}
+    wider = sample_next(logits, temperature=1.0, top_p=0.81, generator=generator).flatten()
+    assert set(wider.tolist()) == {1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"context_size": 0}, "context_size must be positive"),
+    ],
+)
+def test_bad_arguments_are_errors_before_generating(model, kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        stream(model, prompts(), 5, **kwargs)
+
+
+def test_prompt_must_be_a_batch_of_token_ids(model):
+    with pytest.raises(GenerationError, match=r"\(batch, tokens\) LongTensor"):
+        generate(model, torch.tensor([1, 2, 3]), 5)
+    with pytest.raises(GenerationError, match="has no KV cache"):
+        generate(torch.nn.Identity(), prompts(), 5, context_size=8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# groundup generate
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpt2_checkpoint(tmp_path, gpt2_vocab_dir):
+    torch.manual_seed(0)
+    gpt = init_weights(GPTModel(config_from_preset("gpt-tiny")))
+    return save_checkpoint(gpt, tmp_path / "ckpt", metadata={"tokenizer": "gpt2"}), gpt
+
+
+def expected_text(gpt: GPTModel, prompt: str, new_tokens: int) -> str:
+    from groundup.text.tokenizers import get_tokenizer, text_to_token_ids, token_ids_to_text
+
+    tokenizer = get_tokenizer("gpt2")
+    ids = generate(gpt.eval(), text_to_token_ids(prompt, tokenizer), new_tokens, eos_id=tokenizer.eot_token)
+    return token_ids_to_text(ids, tokenizer)
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-kv-cache"], ["--no-stream"]])
+def test_cli_generates_from_a_checkpoint_directory(gpt2_checkpoint, capsys, flags):
+    from groundup.cli import main
+
+    directory, gpt = gpt2_checkpoint
+    assert main(["generate", str(directory), "Every effort moves you", "--max-new-tokens", "12", *flags]) == 0
+    assert capsys.readouterr().out == expected_text(gpt, "Every effort moves you", 12) + "\n"
+
+
+def test_cli_generates_from_a_registered_model(gpt2_checkpoint, mlflow_tracking, monkeypatch, capsys):
+    from groundup import tracking
+    from groundup.cli import main
+
+    for key in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_API_URL"):
+        monkeypatch.delenv(key, raising=False)  # restored after the test: the CLI prepares its environment
+    directory, gpt = gpt2_checkpoint
+    with tracking.start_run("register", output_dir=mlflow_tracking) as run:
+        run.register_directory(directory, "tiny-gpt")
+    assert main(["generate", "tiny-gpt/1", "Hello", "--max-new-tokens", "6", "--output-dir", str(mlflow_tracking)]) == 0
+    assert capsys.readouterr().out == expected_text(gpt, "Hello", 6) + "\n"
+
+
+def test_cli_names_a_model_it_cannot_find(tmp_path, mlflow_tracking, monkeypatch, capsys):
+    from groundup.cli import main
+
+    for key in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_API_URL"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["generate", "no-such-model", "Hi", "--output-dir", str(mlflow_tracking)]) == 1
+    assert "'no-such-model' is neither a checkpoint directory nor a registered model" in capsys.readouterr().err

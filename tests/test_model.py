@@ -1,0 +1,122 @@
+"""The from-scratch GPT: sizes, masking, the same function as the workshop's plain implementation, checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from groundup.model.gpt import GPTConfig, GPTModel, config_from_preset, init_weights
+from groundup.model.io import CheckpointError, load_checkpoint, save_checkpoint
+from tests.conftest import ROOT
+
+
+def reference_module():
+    spec = importlib.util.spec_from_file_location("reference_gpt", ROOT / "bench" / "reference_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny(**overrides) -> GPTModel:
+    torch.manual_seed(0)
+    return init_weights(GPTModel(config_from_preset("gpt-tiny", vocab_size=97, **overrides)))
+
+
+def test_gpt2_small_parameter_counts_untied_and_tied():
+    # Built on the meta device: the counts need shapes only, not 650 MB of memory.
+    with torch.device("meta"):
+        untied = GPTModel(config_from_preset("gpt2-small"))
+        tied = GPTModel(config_from_preset("gpt2-small", tie_weights=True))
+    assert untied.num_parameters() == 163_009_536
+    assert tied.num_parameters() == 124_412_160
+    assert tied.out_head.weight is tied.tok_emb.weight
+
+
+@pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-mini"])
+def test_parameter_count_follows_the_architecture(preset):
+    cfg = config_from_preset(preset)
+    d, v = cfg.emb_dim, cfg.vocab_size
+    per_block = 4 * d * d + d + 8 * d * d + 5 * d + 4 * d  # q, k, v, out_proj(+bias); MLP; two LayerNorms
+    expected = 2 * v * d + cfg.context_length * d + cfg.n_layers * per_block + 2 * d
+    with torch.device("meta"):
+        assert GPTModel(cfg).num_parameters() == expected
+
+
+def test_logits_shape_is_batch_tokens_vocab():
+    model = tiny()
+    logits = model(torch.randint(0, 97, (3, 11)))
+    assert logits.shape == (3, 11, 97)
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = tiny().eval()
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_same_function_as_the_plain_workshop_implementation(qkv_bias):
+    ref = reference_module()
+    model = tiny(qkv_bias=qkv_bias).eval()
+    plain = ref.copy_weights(model, ref.ReferenceGPT(model.cfg)).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), plain(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_with_cache_matches_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 97, (2, 25))
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        full = model(idx)
+        parts = [model(idx[:, :10], cache), model(idx[:, 10:11], cache), model(idx[:, 11:], cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_longer_than_context_is_an_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="exceeds the context length 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: config_from_preset("gpt-huge"), "unknown model preset 'gpt-huge'"),
+        (lambda: config_from_preset("gpt-tiny", emb_dim=50, n_heads=3), r"emb_dim \(50\) must be divisible by n_heads \(3\)"),
+        (lambda: GPTConfig.from_dict({"emb_dim": 64, "heads": 2}), r"unknown keys \['heads'\]"),
+    ],
+)
+def test_bad_configs_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_checkpoint_round_trip_tied_weights(tmp_path):
+    model = tiny(tie_weights=True).eval()
+    save_checkpoint(model, tmp_path / "ckpt", metadata={"tokenizer": "gpt2"})
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.out_head.weight is loaded.tok_emb.weight
+    idx = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["tokenizer"] == "gpt2"
+
+
+def test_checkpoint_of_another_config_and_corrupted_file_are_errors(tmp_path):
+    save_checkpoint(tiny(), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="differs from the expected one"):
+        load_checkpoint(tmp_path / "ckpt", expected=config_from_preset("gpt-mini"))
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupted or unreadable"):
+        load_checkpoint(tmp_path / "ckpt")
