@@ -1,0 +1,108 @@
+"""Promotion: the judged model version becomes ``candidate``, and ``champion`` when it beats the champion.
+
+Scores are only comparable when they were produced the same way (same judge, same generation settings,
+same test set); that recipe is the *basis*, a digest the pipeline computes. A champion scored on another
+basis is not displaced automatically: the decision says so and a person moves the alias. Every decision is
+recorded on the candidate version (tags) and in a ``promote`` run (metrics), so the registry shows why a
+version is or is not the champion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from groundup import tracking
+from groundup.tasks.common import stage_run
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+SCORE_TAG = tracking.TAG + "score"
+BASIS_TAG = tracking.TAG + "score_basis"
+PROMOTION_TAG = tracking.TAG + "promotion"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    champion_before: str | None = None
+    champion_score: float | None = None
+
+
+def decide(candidate: str, score: float, basis: str, champion: tracking.ModelVersion | None) -> Decision:
+    """Whether ``candidate`` (``name/version``) with ``score`` on ``basis`` should become the champion."""
+    if champion is None:
+        return Decision(True, "no champion yet")
+    before = tracking.version_ref(champion)
+    raw = champion.tags.get(SCORE_TAG)
+    champion_score = None if raw is None else float(raw)
+    if before == candidate:
+        return Decision(True, "already the champion", before, champion_score)
+    if champion_score is None:
+        return Decision(False, f"champion {before} has no recorded score", before)
+    if champion.tags.get(BASIS_TAG) != basis:
+        return Decision(False, f"champion {before} was scored on another basis; compare by hand", before, champion_score)
+    if score > champion_score:
+        return Decision(True, f"{score:.4g} beats the champion's {champion_score:.4g}", before, champion_score)
+    return Decision(False, f"{score:.4g} does not beat the champion's {champion_score:.4g}", before, champion_score)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5)
+def promote(
+    model: str,
+    score: float | None,
+    basis: str,
+    output_dir: str = "artifacts",
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Alias ``model`` (``name/version``) as candidate; as champion too if its ``score`` beats the champion's.
+
+    Not cached on purpose: the decision depends on the registry's current state, not only on the inputs.
+    ``score`` None (no judge ran) makes it a candidate and leaves the champion alone.
+    """
+    version = tracking.resolve_version(model)
+    ref = tracking.version_ref(version)
+    with stage_run(
+        "promote",
+        config={"model": ref, "score": score, "basis": basis},
+        parent_run_id=parent_run_id,
+        output_dir=output_dir,
+        experiment=experiment,
+    ) as run:
+        tracking.set_alias(version.name, CANDIDATE, version.version)
+        champion = tracking.alias_target(version.name, CHAMPION)
+        if score is None:
+            decision = Decision(False, "not judged", tracking.version_ref(champion) if champion else None)
+        else:
+            decision = decide(ref, score, basis, champion)
+            tracking.set_version_tags(ref, {SCORE_TAG: score, BASIS_TAG: basis})
+        if decision.promoted:
+            tracking.set_alias(version.name, CHAMPION, version.version)
+        record = {
+            PROMOTION_TAG: "champion" if decision.promoted else "candidate",
+            PROMOTION_TAG + ".reason": decision.reason,
+            PROMOTION_TAG + ".run_id": run.run_id,
+        }
+        if decision.champion_before:
+            record[PROMOTION_TAG + ".champion_before"] = decision.champion_before
+        tracking.set_version_tags(ref, record)
+        run.set_tags(record)
+        run.log_metrics(
+            {
+                "candidate_score": score,
+                "champion_score": decision.champion_score,
+                "score_delta": None if score is None or decision.champion_score is None else score - decision.champion_score,
+                "promoted": float(decision.promoted),
+            }
+        )
+    aliases = [CANDIDATE] + ([CHAMPION] if decision.promoted else [])
+    create_markdown_artifact(
+        key="promotion",
+        markdown=f"**{ref}** → {', '.join('@' + a for a in aliases)}: {decision.reason}",
+        description="Model promotion",
+    )
+    return {"model": ref, "aliases": aliases, **asdict(decision)}
