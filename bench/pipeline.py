@@ -16,8 +16,8 @@ the library recognises as finished (pretraining, finetuning and responses return
 ``--repeat`` interleaved runs, after one untimed warm-up run; Prefect's embedded API start-up is reported
 apart. Sources: ../shared/data, a tiny random GPT-2 and a loopback judge.
 
-    python bench/pipeline.py                 # ~1-2 min on a 2-core CPU
-    python bench/pipeline.py --train-steps 20 --finetune-steps 10
+    python -m bench.pipeline                 # ~1-2 min on a 2-core CPU
+    python -m bench.pipeline --train-steps 20 --finetune-steps 10
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-# The fixtures live with the tests; the repository root replaces this script's folder on the path.
-sys.path[0] = str(ROOT)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -336,14 +336,17 @@ def flow_run_tags() -> dict[str, str]:
 
 
 def resolve_version(ref: str) -> ModelVersion:
-    """``name`` (latest), ``name/3`` or ``name@alias`` -> the model version."""
+    """``name`` (latest), ``name/3`` or ``name@alias`` -> the model version; LookupError if there is none."""
     c = client()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return c.get_model_version_by_alias(name, alias)
-    if "/" in ref:
-        name, version = ref.rsplit("/", 1)
-        return c.get_model_version(name, version)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return c.get_model_version_by_alias(name, alias)
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return c.get_model_version(name, version)
+    except MlflowException as exc:
+        raise LookupError(f"no registered model version {ref!r} ({exc.message})") from None
     versions = c.search_model_versions(f"name='{ref}'")
     if not versions:
         raise LookupError(f"no registered model named {ref!r}")

@@ -203,13 +203,11 @@ def resolve_model_directory(ref: str, output_dir: str | Path) -> Path:
     from groundup import environment
 
     environment.prepare(output_dir)
-    from mlflow.exceptions import MlflowException
-
     from groundup import tracking
 
     try:
         return tracking.model_directory(ref)
-    except (MlflowException, LookupError) as exc:
+    except LookupError as exc:
         raise GenerationError(
             f"model {ref!r} is neither a checkpoint directory nor a registered model in "
             f"{tracking.default_tracking_uri(output_dir)} ({exc})"

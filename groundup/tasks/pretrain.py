@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -46,7 +45,7 @@ def _registered_version(run_dir: Path) -> str | None:
     ref = json.loads(path.read_text(encoding="utf-8"))["model_version"]
     try:
         tracking.resolve_version(ref)
-    except (MlflowException, LookupError):
+    except LookupError:
         return None
     return ref
 
