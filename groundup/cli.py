@@ -269,12 +269,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser, profile_default: str | None = "quickstart") -> None:
+def _common(
+    parser: argparse.ArgumentParser, profile_default: str | None = "quickstart", output_aliases: tuple[str, ...] = ()
+) -> None:
     parser.add_argument("--profile", default=profile_default, help="profile name or YAML path (default: %(default)s)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. train.lr=1e-4"
     )
-    parser.add_argument("--output-dir", default="artifacts", help="root for all outputs (default: %(default)s)")
+    parser.add_argument(
+        "--output-dir", *output_aliases, default="artifacts", help="root for all outputs (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="download a text and tokenize it into Parquet")
     p.add_argument("--source", help="URL or path of the text (default: the workshop's the-verdict.txt)")
     p.add_argument("--sha256", help="expected sha256 of the source")
-    _common(p)
+    _common(p, output_aliases=("--out",))
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("pretrain", help="pretrain the from-scratch GPT on the prepared tokens")

@@ -176,6 +176,8 @@ def launch_prefect(out: Path, port: int) -> tuple[Server, subprocess.Popen]:
     env.setdefault("PREFECT_HOME", str(out / "prefect"))
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     url = f"http://{HOST}:{port}"
+    # The browser UI asks this URL for the API; Prefect assumes port 4200 unless told.
+    env["PREFECT_UI_API_URL"] = f"{url}/api"
     argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     return _launch("prefect", argv, env, out / "servers" / "prefect.log", url, f"{url}/api/health", f"--port {port}")
 

@@ -75,6 +75,8 @@ def test_ui_starts_both_servers_later_runs_use_them_and_stop_ends_exactly_them(t
             assert server.alive()
             assert os.getpgid(server.pid) == server.pid  # a process group of its own
         assert _get_json(servers["prefect"].url + "/api/health") is True
+        # The browser UI must talk to this server, not to Prefect's default port.
+        assert _get_json(servers["prefect"].url + "/ui-settings")["api_url"] == servers["prefect"].url + "/api"
         assert urllib.request.urlopen(servers["mlflow"].url + "/health", timeout=10).status == 200
 
         # A second call finds them running instead of starting more.
