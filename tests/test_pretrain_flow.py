@@ -147,7 +147,7 @@ def flow_config(verdict_path, vocab_dir) -> PretrainConfig:
 def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, verdict_path, gpt2_vocab_dir):
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from groundup import tracking
     from groundup.flows.pretrain import pretrain
@@ -181,7 +181,11 @@ def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, v
     assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), trained.state_dict().values(), strict=True))
 
     with get_client(sync_client=True) as prefect:
-        [summary] = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-summary"])))
+        # The harness is shared by the whole session: other flows' summaries are there too.
+        [summary] = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["pretrain-summary"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+        ))
     assert "groundup-gpt/1" in summary.data and "data:image/png;base64," in summary.data
 
     again = pretrain(config=config, output_dir=str(mlflow_tracking), experiment="pretrain-test")
