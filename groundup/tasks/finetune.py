@@ -104,15 +104,21 @@ def base_reference(base: str, base_dir: Path) -> str:
     return f"hf:{base}" if litgpt_finetune.is_hub_id(base) else f"dir:{base_dir}"
 
 
+def _metrics_and_plot(metrics: dict[str, float], loss_plot: str | Path | None) -> tuple[str, str]:
+    """The final metrics as a markdown table and the loss curves inlined, for either engine's summary."""
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()))
+    plot = png_markdown(loss_plot, "loss curves") if loss_plot else ""
+    return f"| metric | value |\n|---|---|\n{rows}", plot
+
+
 def _markdown_summary(base: str, result: litgpt_finetune.FinetuneResult, model_ref: str) -> str:
-    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(result.metrics.final.items()))
-    plot = png_markdown(result.loss_plot, "loss curves") if result.loss_plot else ""
+    table, plot = _metrics_and_plot(result.metrics.final, result.loss_plot)
     return (
         f"### LoRA finetuning (LitGPT) of `{base}`\n\n"
         f"Registered as **{model_ref}**; merged model in `{result.model_dir}`.\n"
         f"{result.n_train} training / {result.n_val} validation entries on "
         f"{result.placement.accelerator} ({result.placement.precision or 'LitGPT default precision'}).\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n\n{plot}\n"
+        f"{table}\n\n{plot}\n"
     )
 
 
@@ -239,15 +245,14 @@ def groundup_base(config: FinetuneConfig, base_checkpoint: str | None) -> Path:
 
 
 def _groundup_summary(base: Path, result: lora_finetune.GroundupFinetuneResult, model_ref: str) -> str:
-    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(result.metrics.items()))
     samples = "\n".join(f"- epoch {s['epoch']}: {s['text']!r}" for s in result.progress.samples)
-    plot = png_markdown(result.loss_plot, "loss curves") if result.loss_plot else ""
+    table, plot = _metrics_and_plot(result.metrics, result.loss_plot)
     return (
         f"### LoRA finetuning (groundup) of `{base}`\n\n"
         f"Registered as **{model_ref}**: the adapter in `{result.adapter_dir}` on top of its base.\n"
         f"{result.n_train} training / {result.n_val} validation entries; "
         f"{result.trainable_parameters:,} of {result.total_parameters:,} parameters trained.\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n\n{plot}\n\nAnswers to a validation prompt:\n{samples}\n"
+        f"{table}\n\n{plot}\n\nAnswers to a validation prompt:\n{samples}\n"
     )
 
 
