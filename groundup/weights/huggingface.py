@@ -11,7 +11,6 @@ them (``h.0.attn.c_attn.weight``, with or without a ``transformer.`` prefix) and
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -26,7 +25,13 @@ from groundup.download import ChecksumError
 from groundup.files import sha256_file
 from groundup.model.gpt import GPTConfig
 from groundup.weights.convert import check_shapes, gpt2_config
-from groundup.weights.source import SourceCheckpoint, SourceFile, SourceWeights, WeightsError
+from groundup.weights.source import (
+    SourceCheckpoint,
+    SourceFile,
+    SourceWeights,
+    WeightsError,
+    read_config_json,
+)
 
 HF_REPOS = {
     "124M": "openai-community/gpt2",
@@ -169,12 +174,7 @@ def _check_supported(hf_config: dict[str, Any], path: Path) -> None:
 def read_hf_config(directory: str | Path) -> GPTConfig:
     """Our config from a GPT-2 ``config.json`` (refusing settings our model does not implement)."""
     path = Path(directory) / "config.json"
-    try:
-        hf_config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"{Path(directory)}: missing config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path}: not valid JSON ({exc})") from None
+    hf_config = read_config_json(directory, "config.json")
     if "n_positions" not in hf_config and "n_ctx" in hf_config:
         hf_config["n_positions"] = hf_config["n_ctx"]
     missing = [key for key in HF_CONFIG if key not in hf_config]

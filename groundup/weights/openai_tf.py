@@ -14,7 +14,6 @@ reads, so a corrupted data file is an error here, never a silently wrong model.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +22,7 @@ import torch
 
 from groundup.model.gpt import GPTConfig
 from groundup.weights.convert import check_shapes, gpt2_config
-from groundup.weights.source import SourceWeights, WeightsError
+from groundup.weights.source import SourceWeights, WeightsError, read_config_json
 
 OPENAI_FILES = (
     "checkpoint",
@@ -95,12 +94,7 @@ def _squeezed(shape: list[int] | tuple[int, ...]) -> tuple[int, ...]:
 def read_hparams(directory: str | Path) -> GPTConfig:
     """Our config from ``hparams.json`` (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
     path = Path(directory) / "hparams.json"
-    try:
-        hparams = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"{Path(directory)}: missing hparams.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path}: not valid JSON ({exc})") from None
+    hparams = read_config_json(directory, "hparams.json")
     missing = [key for key in HPARAMS if key not in hparams]
     if missing:
         raise WeightsError(f"{path}: missing {', '.join(missing)} (GPT-2 hparams need {', '.join(HPARAMS)})")

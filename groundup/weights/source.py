@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,17 @@ CheckpointFormat = Literal["openai", "huggingface"]
 
 class WeightsError(ValueError):
     """GPT-2 weights that cannot be fetched, read or converted; the message names the input and the problem."""
+
+
+def read_config_json(directory: str | Path, name: str) -> dict[str, Any]:
+    """A checkpoint's own JSON config (``hparams.json``, ``config.json``), with errors naming the file."""
+    path = Path(directory) / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsError(f"{Path(directory)}: missing {name}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not valid JSON ({exc})") from None
 
 
 @dataclass(frozen=True)
