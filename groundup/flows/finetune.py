@@ -22,13 +22,11 @@ def engine_task(engine: str):
     ``model_dir`` and ``metrics``. ``finetune_groundup`` also takes ``base_checkpoint`` and
     ``base_model_ref``: the GPT-2 (or pretrained) checkpoint to adapt and its registered version.
     """
-    tasks = {"litgpt": "finetune_lora", "groundup": "finetune_groundup"}
+    tasks = {"litgpt": finetune_tasks.finetune_lora, "groundup": finetune_tasks.finetune_groundup}
     try:
-        return getattr(finetune_tasks, tasks[engine])
+        return tasks[engine]
     except KeyError:
         raise ValueError(f"unknown finetuning engine {engine!r}; available: {', '.join(tasks)}") from None
-    except AttributeError:
-        raise ValueError(f"finetuning engine {engine!r} is not available in this installation") from None
 
 
 def gpt2_base(
