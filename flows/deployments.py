@@ -27,7 +27,7 @@ from prefect.schedules import Cron, Interval, Schedule
 
 from groundup.config import PipelineConfig, Settings, load_config
 
-DEPLOYMENTS_FILE = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
+DEPLOYMENTS_FILE = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
 
 
 def read_declarations(path: str | Path | None = None) -> list[dict[str, Any]]:
