@@ -21,8 +21,10 @@ runner: runs with more than one device go through :func:`groundup.train.launch.r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -450,7 +452,17 @@ class _Trainer:
         self.progress = read_progress(directory)
 
 
-def fit(
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, settings: TrainConfig,
+        run_dir: str | Path, **options: Any) -> TrainResult:  # fmt: skip
+    """:func:`train_in` holding ``run_dir`` against other processes: a second run of the same directory (two
+    pipelines sharing an output location) waits, then finds the finished model. Under a multi-device launch
+    rank 0 holds it; the other ranks wait for rank 0 in Fabric's rendezvous."""
+    holds = not is_launched() or os.environ.get("LOCAL_RANK", "0") == "0"
+    with RunDirectory(run_dir).exclusive() if holds else contextlib.nullcontext():
+        return train_in(model, train_loader, val_loader, settings, run_dir, **options)
+
+
+def train_in(
     model: nn.Module,
     train_loader: DataLoader,
     val_loader: DataLoader | None,
