@@ -30,6 +30,7 @@ from groundup import tracking
 from groundup.config import PRETRAINED_BASE, ConfigError, PipelineConfig, config_digest
 from groundup.flows.common import parent_run
 from groundup.flows.finetune import engine_task
+from groundup.flows.placement import submit_placed
 from groundup.instruct.lora_finetune import gpt2_size
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
 from groundup.tasks.evaluate import evaluate_mc, generate_responses, judge_responses
@@ -51,10 +52,17 @@ class Stages:
 
     calls: dict[str, tuple[Task, tuple, dict]] = field(default_factory=dict)
     futures: dict[str, PrefectFuture] = field(default_factory=dict)
+    # Stage name -> work pool (``pipeline.placement``), and where placed stages' outputs are fetched to.
+    placement: dict[str, str] = field(default_factory=dict)
+    output_dir: str = "artifacts"
 
     def submit(self, name: str, task: Task, *args: Any, **kwargs: Any) -> str:
         self.calls[name] = (task, args, kwargs)
-        self.futures[name] = task.with_options(task_run_name=name).submit(*args, **kwargs)
+        pool = self.placement.get("evaluate_mc" if name.startswith("evaluate_mc_") else name)
+        if pool:
+            self.futures[name] = submit_placed(name, pool, task, args, kwargs, self.output_dir)
+        else:
+            self.futures[name] = task.with_options(task_run_name=name).submit(*args, **kwargs)
         return name
 
     def result(self, name: str, output: str | None = None) -> dict[str, Any]:
@@ -67,8 +75,17 @@ class Stages:
         return value
 
     def states(self) -> dict[str, str]:
-        """``Completed``, ``Cached`` or ``Failed`` per stage (what the summary and the tests report)."""
-        return {name: future.state.name for name, future in self.futures.items()}
+        """``Completed``, ``Cached`` or ``Failed`` per stage (what the summary and the tests report); a placed
+        stage's is that of its task on the worker."""
+        return {name: self._state(future) for name, future in self.futures.items()}
+
+    @staticmethod
+    def _state(future: PrefectFuture) -> str:
+        if future.state.is_completed():
+            placed = future.result()
+            if isinstance(placed, dict) and "placement" in placed:
+                return placed["placement"]["state"]
+        return future.state.name
 
 
 def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
@@ -78,8 +95,18 @@ def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
     return config_digest([judge_id, judge, generation, test_sha256])
 
 
+# The stages ``pipeline.placement`` may name.
+STAGE_NAMES = (
+    "download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "fetch_gpt2_weights", "split_instructions",
+    "finetune", "generate_responses", "evaluate_mc", "judge_responses", "promote",
+)  # fmt: skip
+
+
 def check(config: PipelineConfig) -> None:
     """Settings that cannot work together, refused before any stage starts."""
+    unknown = sorted(set(config.placement) - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"pipeline placement names unknown stages {unknown}; stages: {', '.join(STAGE_NAMES)}")
     finetune = config.finetune
     if finetune.engine == "litgpt" and finetune.base == PRETRAINED_BASE:
         raise ConfigError(f"finetune.base {PRETRAINED_BASE!r} is a groundup checkpoint: use finetune.engine=groundup")
@@ -103,6 +130,7 @@ def execute(config: PipelineConfig, stages: Stages) -> dict[str, Any]:
     """The pipeline's body, with the way stages are run injected (``bench/pipeline.py`` calls them plainly)."""
     check(config)
     out = str(Path(config.output_dir).resolve())
+    stages.placement, stages.output_dir = dict(config.placement), out
     if config.data.vocab_dir:
         # The tokenizer files the data stage is given serve every stage that tokenizes (finetuning, responses).
         os.environ.setdefault(VOCAB_DIR_ENV, str(Path(config.data.vocab_dir).resolve()))

@@ -1,0 +1,151 @@
+"""Stages placed on work pools: ``pipeline.placement: {finetune: groundup-gpu}``.
+
+A placed stage runs as a flow run of the deployment ``groundup-stage/<pool>`` (one per work pool, registered
+by ``groundup deploy --pool POOL``), started with ``run_deployment`` from a task of the pipeline run, so the
+Prefect UI shows it as that task's child. The stage's task and its arguments travel as parameters: settings
+as JSON (accelerator, devices and precision with them), and every file or directory argument as a URL in the
+artifact store, since the worker shares no filesystem with the pipeline. On the worker, ``run_stage``
+downloads those into its own cache, calls the task (cached on content like any other), publishes the
+files and directories the task returned to the store and returns their URLs; the pipeline side fetches
+them into its cache and hands local paths on to the next stage. Unplaced stages run in-process as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.deployments.runner import EntrypointType
+
+from groundup import environment, store
+from groundup.config import Settings
+from groundup.errors import ModelError
+
+STAGE_FLOW = "groundup-stage"
+# Where a worker keeps a placed stage's outputs and its store cache, relative to its working directory
+# unless the stage deployment names an absolute one (`groundup deploy --output-dir`).
+WORKER_OUTPUT_DIR = "groundup-work"
+# Parameters that say where things go on the machine that runs the stage: each side fills in its own.
+LOCAL_PARAMETERS = {"output_dir"}
+
+
+def task_path(stage_task: Task) -> str:
+    return f"{stage_task.fn.__module__}:{stage_task.fn.__name__}"
+
+
+def load_task(path: str) -> Task:
+    module, _, name = path.partition(":")
+    found = getattr(importlib.import_module(module), name, None)
+    if not isinstance(found, Task) or not module.startswith("groundup."):
+        raise ModelError(f"{path!r} is not a groundup task", fix="place only pipeline stages")
+    return found
+
+
+def artifact_store(output_dir: str | Path) -> store.ArtifactStore:
+    """The configured store; without one, a folder under ``output_dir`` (placement on one machine)."""
+    configured = store.from_environment(output_dir)
+    return configured or store.ArtifactStore(Path(output_dir) / "store", Path(output_dir) / "store-cache")
+
+
+def to_urls(value: Any, artifacts: store.ArtifactStore) -> Any:
+    """Settings as JSON, existing local files and directories as store URLs, recursively."""
+    if isinstance(value, Settings):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: to_urls(v, artifacts) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_urls(v, artifacts) for v in value]
+    if isinstance(value, str | Path) and os.path.isabs(value) and Path(value).exists():
+        return artifacts.put(value)
+    return value
+
+
+def to_paths(value: Any, artifacts: store.ArtifactStore) -> Any:
+    """Store URLs as local copies in this machine's cache, recursively."""
+    if isinstance(value, dict):
+        return {k: to_paths(v, artifacts) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_paths(v, artifacts) for v in value]
+    if artifacts.owns(value):
+        return str(artifacts.get(value, wait=60))
+    return value
+
+
+def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Arguments received as JSON, with settings parameters validated back into their models."""
+    hints = typing.get_type_hints(stage_task.fn)
+    bound = {}
+    for name, value in arguments.items():
+        hint = hints.get(name)
+        is_settings = isinstance(hint, type) and issubclass(hint, Settings)
+        bound[name] = hint.model_validate(value) if is_settings and isinstance(value, dict) else value
+    return bound
+
+
+def missing_outputs(result: Any) -> list[str]:
+    """Absolute paths in a task's result that do not exist here: a cached result from another machine."""
+    if isinstance(result, dict):
+        return [p for v in result.values() for p in missing_outputs(v)]
+    if isinstance(result, str) and os.path.isabs(result) and os.sep in result and "\n" not in result:
+        return [] if Path(result).exists() else [result]
+    return []
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir: str = WORKER_OUTPUT_DIR) -> dict:
+    """One pipeline stage on this worker: its inputs fetched from the store, its outputs published there."""
+    out = str(environment.prepare(output_dir))
+    artifacts = artifact_store(out)
+    stage_task = load_task(task_path)
+    inputs = bind(stage_task, to_paths(arguments, artifacts))
+    inputs.update({name: out for name in LOCAL_PARAMETERS if name in inspect.signature(stage_task.fn).parameters})
+    state = stage_task.with_options(task_run_name=stage)(**inputs, return_state=True)
+    result = state.result()
+    if missing_outputs(result):  # cached on another machine, whose files are not here: compute them
+        get_run_logger().info("%s: cached outputs are not on this worker; computing them", stage)
+        state = stage_task.with_options(task_run_name=stage, refresh_cache=True)(**inputs, return_state=True)
+        result = state.result()
+    return {"result": to_urls(result, artifacts), "state": state.name}
+
+
+@task(cache_policy=NO_CACHE)
+def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """Run a stage as a flow run of ``groundup-stage/<pool>`` (a child of this task run) and wait for it."""
+    artifacts = artifact_store(output_dir)
+    parameters = {"stage": stage, "task_path": task_path, "arguments": to_urls(arguments, artifacts)}
+    flow_run = run_deployment(
+        f"{STAGE_FLOW}/{pool}", parameters=parameters, timeout=None, as_subflow=True,
+        flow_run_name=f"{stage} on {pool}",
+    )  # fmt: skip
+    if not flow_run.state.is_completed():
+        raise RuntimeError(f"stage {stage} on work pool {pool}: {flow_run.state.name}: {flow_run.state.message}")
+    reply = flow_run.state.result()
+    result = to_paths(reply["result"], artifacts)
+    if isinstance(result, dict):
+        result = {**result, "placement": {"pool": pool, "flow_run_id": str(flow_run.id), "state": reply["state"],
+                                          "artifacts": reply["result"]}}  # fmt: skip
+    return result
+
+
+def submit_placed(stage: str, pool: str, stage_task: Task, args: tuple, kwargs: dict, output_dir: str):
+    """Submit ``stage_task(*args, **kwargs)`` to run on ``pool``; returns the dispatching task's future."""
+    arguments = dict(inspect.signature(stage_task.fn).bind(*args, **kwargs).arguments)
+    for name in LOCAL_PARAMETERS:
+        arguments.pop(name, None)
+    return dispatch.with_options(task_run_name=stage).submit(stage, pool, task_path(stage_task), arguments, output_dir)
+
+
+def stage_deployment(pool: str, output_dir: str | None = None):
+    """The deployment placed stages of ``pool`` run as (named after the pool)."""
+    parameters = {"output_dir": output_dir} if output_dir else {}
+    return run_stage.to_deployment(
+        name=pool, parameters=parameters, description=f"Pipeline stages placed on the work pool {pool}.",
+        tags=["groundup", "placement"], entrypoint_type=EntrypointType.MODULE_PATH,
+    )  # fmt: skip
