@@ -55,11 +55,13 @@ class Stages:
     # Stage name -> work pool (``pipeline.placement``), and where placed stages' outputs are fetched to.
     placement: dict[str, str] = field(default_factory=dict)
     output_dir: str = "artifacts"
+    placed: set[str] = field(default_factory=set)
 
     def submit(self, name: str, task: Task, *args: Any, **kwargs: Any) -> str:
         self.calls[name] = (task, args, kwargs)
         pool = self.placement.get("evaluate_mc" if name.startswith("evaluate_mc_") else name)
         if pool:
+            self.placed.add(name)
             self.futures[name] = submit_placed(name, pool, task, args, kwargs, self.output_dir)
         else:
             self.futures[name] = task.with_options(task_run_name=name).submit(*args, **kwargs)
@@ -77,14 +79,11 @@ class Stages:
     def states(self) -> dict[str, str]:
         """``Completed``, ``Cached`` or ``Failed`` per stage (what the summary and the tests report); a placed
         stage's is that of its task on the worker."""
-        return {name: self._state(future) for name, future in self.futures.items()}
+        return {name: self._state(name, future) for name, future in self.futures.items()}
 
-    @staticmethod
-    def _state(future: PrefectFuture) -> str:
-        if future.state.is_completed():
-            placed = future.result()
-            if isinstance(placed, dict) and "placement" in placed:
-                return placed["placement"]["state"]
+    def _state(self, name: str, future: PrefectFuture) -> str:
+        if name in self.placed and future.state.is_completed():
+            return future.result()["placement"]["state"]
         return future.state.name
 
 

@@ -29,8 +29,9 @@ from groundup.config import Settings
 from groundup.errors import ModelError
 
 STAGE_FLOW = "groundup-stage"
-# Where a worker keeps a placed stage's outputs and its store cache, relative to its working directory
-# unless the stage deployment names an absolute one (`groundup deploy --output-dir`).
+# Where a worker keeps placed stages' outputs: the worker's own setting (a flow run's working directory is a
+# temporary one chosen by Prefect), else ./groundup-work. The shared location is the artifact store.
+WORK_DIR_ENV = "GROUNDUP_WORK_DIR"
 WORKER_OUTPUT_DIR = "groundup-work"
 # Parameters that say where things go on the machine that runs the stage: each side fills in its own.
 LOCAL_PARAMETERS = {"output_dir"}
@@ -99,9 +100,9 @@ def missing_outputs(result: Any) -> list[str]:
 
 
 @flow(name=STAGE_FLOW, log_prints=True)
-def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir: str = WORKER_OUTPUT_DIR) -> dict:
+def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir: str | None = None) -> dict:
     """One pipeline stage on this worker: its inputs fetched from the store, its outputs published there."""
-    out = str(environment.prepare(output_dir))
+    out = str(environment.prepare(output_dir or os.environ.get(WORK_DIR_ENV) or WORKER_OUTPUT_DIR))
     artifacts = artifact_store(out)
     stage_task = load_task(task_path)
     inputs = bind(stage_task, to_paths(arguments, artifacts))

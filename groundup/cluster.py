@@ -240,7 +240,10 @@ with get_client(sync_client=True) as client:
 
 def start_worker(pool: str, workdir: Path, logs: Path, env: dict[str, str]) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**env, "PREFECT_HOME": str(workdir / ".prefect"), "GROUNDUP_STORE_CACHE": str(workdir / "store-cache")}
+    env = {
+        **env, "PREFECT_HOME": str(workdir / ".prefect"), "GROUNDUP_STORE_CACHE": str(workdir / "store-cache"),
+        "GROUNDUP_WORK_DIR": str(workdir / "groundup-work"),
+    }  # fmt: skip
     argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker"]
     log = logs / f"worker-{pool}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
