@@ -70,6 +70,8 @@ class Stages:
     def result(self, name: str, output: str | None = None) -> dict[str, Any]:
         """The stage's result; a cached one whose ``output`` path has been deleted since is computed again."""
         value = self.futures[name].result()
+        if name in self.placed:  # the placed stage's result; its outputs are local copies, always there
+            return value["result"]
         if output and not Path(value[output]).exists():
             task, args, kwargs = self.calls[name]
             self.futures[name] = task.with_options(task_run_name=name, refresh_cache=True).submit(*args, **kwargs)

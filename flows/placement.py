@@ -12,6 +12,7 @@ them into its cache and hands local paths on to the next stage. Unplaced stages 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -55,28 +56,48 @@ def artifact_store(output_dir: str | Path) -> store.ArtifactStore:
     return configured or store.ArtifactStore(Path(output_dir) / "store", Path(output_dir) / "store-cache")
 
 
-def to_urls(value: Any, artifacts: store.ArtifactStore) -> Any:
-    """Settings as JSON, existing local files and directories as store URLs, recursively."""
-    if isinstance(value, Settings):
-        return value.model_dump(mode="json")
+def transform(value: Any, leaf) -> Any:
+    """``value`` with ``leaf`` applied to every string or path inside dicts, lists and stage results
+    (dataclasses), keeping their types."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: transform(getattr(value, f.name), leaf) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
     if isinstance(value, dict):
-        return {k: to_urls(v, artifacts) for k, v in value.items()}
+        return {k: transform(v, leaf) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [to_urls(v, artifacts) for v in value]
-    if isinstance(value, str | Path) and os.path.isabs(value) and Path(value).exists():
-        return artifacts.put(value)
-    return value
+        return [transform(v, leaf) for v in value]
+    return leaf(value)
+
+
+def to_urls(value: Any, artifacts: store.ArtifactStore) -> Any:
+    """Settings as JSON, existing local files and directories as store URLs."""
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, Settings):
+            return item.model_dump(mode="json")
+        if isinstance(item, str | Path) and os.path.isabs(item) and Path(item).exists():
+            return artifacts.put(item)
+        return item
+
+    return transform(value, leaf)
 
 
 def to_paths(value: Any, artifacts: store.ArtifactStore) -> Any:
-    """Store URLs as local copies in this machine's cache, recursively."""
-    if isinstance(value, dict):
-        return {k: to_paths(v, artifacts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_paths(v, artifacts) for v in value]
-    if artifacts.owns(value):
-        return str(artifacts.get(value, wait=60))
-    return value
+    """Store URLs as local copies in this machine's cache."""
+    return transform(value, lambda item: str(artifacts.get(item, wait=60)) if artifacts.owns(item) else item)
+
+
+def missing_outputs(result: Any) -> list[str]:
+    """Absolute paths in a task's result that do not exist here: a cached result from another machine."""
+    missing: list[str] = []
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, str) and os.path.isabs(item) and "\n" not in item and not Path(item).exists():
+            missing.append(item)
+        return item
+
+    transform(result, leaf)
+    return missing
 
 
 def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -88,15 +109,6 @@ def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
         is_settings = isinstance(hint, type) and issubclass(hint, Settings)
         bound[name] = hint.model_validate(value) if is_settings and isinstance(value, dict) else value
     return bound
-
-
-def missing_outputs(result: Any) -> list[str]:
-    """Absolute paths in a task's result that do not exist here: a cached result from another machine."""
-    if isinstance(result, dict):
-        return [p for v in result.values() for p in missing_outputs(v)]
-    if isinstance(result, str) and os.path.isabs(result) and os.sep in result and "\n" not in result:
-        return [] if Path(result).exists() else [result]
-    return []
 
 
 @flow(name=STAGE_FLOW, log_prints=True)
@@ -118,7 +130,8 @@ def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir:
 
 @task(cache_policy=NO_CACHE)
 def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], output_dir: str) -> dict[str, Any]:
-    """Run a stage as a flow run of ``groundup-stage/<pool>`` (a child of this task run) and wait for it."""
+    """Run a stage as a flow run of ``groundup-stage/<pool>`` (a child of this task run) and wait for it;
+    returns the stage's result (local paths) and where it ran (with the store URLs it exchanged)."""
     artifacts = artifact_store(output_dir)
     parameters = {"stage": stage, "task_path": task_path, "arguments": to_urls(arguments, artifacts)}
     flow_run = run_deployment(
@@ -128,11 +141,8 @@ def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], o
     if not flow_run.state.is_completed():
         raise RuntimeError(f"stage {stage} on work pool {pool}: {flow_run.state.name}: {flow_run.state.message}")
     reply = flow_run.state.result()
-    result = to_paths(reply["result"], artifacts)
-    if isinstance(result, dict):
-        result = {**result, "placement": {"pool": pool, "flow_run_id": str(flow_run.id), "state": reply["state"],
-                                          "artifacts": reply["result"]}}  # fmt: skip
-    return result
+    placement = {"pool": pool, "flow_run_id": str(flow_run.id), "state": reply["state"], "artifacts": reply["result"]}
+    return {"result": to_paths(reply["result"], artifacts), "placement": placement}
 
 
 def submit_placed(stage: str, pool: str, stage_task: Task, args: tuple, kwargs: dict, output_dir: str):

@@ -90,9 +90,13 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
         yield tmp
         # Directories cannot be renamed over non-empty ones: move the old one aside first. Another process
         # may be doing the same with the same destination; each round moves aside whatever is there.
-        for _ in range(10):
-            if publish_rename(tmp, destination):
+        for _ in range(100):
+            try:
+                os.rename(tmp, destination)
                 break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
             old = tmp.with_suffix(".old")
             with contextlib.suppress(FileNotFoundError):
                 os.replace(destination, old)

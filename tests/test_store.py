@@ -148,3 +148,31 @@ def test_two_trainings_of_one_run_directory_at_once_both_finish(tmp_path):
     assert all(child.returncode == 0 for child in children)
     assert sorted(r["finished"] for r in results) == [False, True]  # one trained, the other waited and reused
     assert {r["checkpoint"] for r in results} == {str(run_dir / "final")}
+
+
+def test_stage_inputs_and_results_travel_as_urls_and_come_back_as_local_copies(tmp_path):
+    import dataclasses
+
+    from groundup.config import GenerationConfig
+    from groundup.flows.placement import missing_outputs, to_paths, to_urls
+
+    @dataclasses.dataclass
+    class Result:
+        model_dir: str
+        metrics: dict
+
+    model = a_directory(tmp_path / "model")
+    pipeline_side = ArtifactStore(tmp_path / "store", tmp_path / "pipeline-cache")
+    worker_side = ArtifactStore(tmp_path / "store", tmp_path / "worker-cache")
+    sent = to_urls({"model": str(model), "config": GenerationConfig(max_new_tokens=3), "label": "base"}, pipeline_side)
+    assert sent["model"].startswith(pipeline_side.url) and sent["config"]["max_new_tokens"] == 3
+    assert sent["label"] == "base"
+    received = to_paths(sent, worker_side)
+    assert Path(received["model"]).is_relative_to(tmp_path / "worker-cache")
+    assert sha256_tree(received["model"]) == sha256_tree(model)
+
+    result = Result(model_dir=received["model"], metrics={"loss": 1.0})
+    back = to_paths(to_urls(result, worker_side), pipeline_side)
+    assert isinstance(back, Result) and back.metrics == {"loss": 1.0}
+    assert Path(back.model_dir).is_relative_to(tmp_path / "pipeline-cache")
+    assert missing_outputs(back) == [] and missing_outputs(Result(str(tmp_path / "gone"), {})) == [str(tmp_path / "gone")]
