@@ -20,7 +20,8 @@ from groundup.serving import Server
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 from tests.test_e2e_servers import PrefectAPI
 
-pytestmark = pytest.mark.slow
+# Minutes on a loaded 2-core machine: a cluster start, pipelines through worker processes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PLACED = {"finetune": "groundup-gpu", "generate_responses": "groundup-gpu"}
 
