@@ -1,4 +1,5 @@
-"""A real S3-protocol server on loopback (moto's standalone server), started and stopped by pid."""
+"""A real S3-protocol server on loopback (moto's standalone server), started and stopped by pid, and the
+stop every test subprocess group gets."""
 
 from __future__ import annotations
 
@@ -48,12 +49,17 @@ class MotoServer:
         raise TimeoutError(f"moto_server did not answer on {self.url}")
 
     def __exit__(self, *exc) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process_group(self.process, grace=20)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM the process group a test started (``start_new_session``), SIGKILL it after ``grace`` s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
