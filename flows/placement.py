@@ -27,7 +27,7 @@ from prefect.deployments.runner import EntrypointType
 
 from groundup import environment, store
 from groundup.config import Settings
-from groundup.errors import ModelError
+from groundup.errors import GroundupError, ModelError
 
 STAGE_FLOW = "groundup-stage"
 # Where a worker keeps placed stages' outputs: the worker's own setting (a flow run's working directory is a
@@ -139,7 +139,7 @@ def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], o
         flow_run_name=f"{stage} on {pool}",
     )  # fmt: skip
     if not flow_run.state.is_completed():
-        raise RuntimeError(f"stage {stage} on work pool {pool}: {flow_run.state.name}: {flow_run.state.message}")
+        raise GroundupError(f"stage {stage} on work pool {pool}: {flow_run.state.name}: {flow_run.state.message}")
     reply = flow_run.state.result()
     placement = {"pool": pool, "flow_run_id": str(flow_run.id), "state": reply["state"], "artifacts": reply["result"]}
     return {"result": to_paths(reply["result"], artifacts), "placement": placement}

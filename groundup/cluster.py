@@ -30,7 +30,7 @@ from pathlib import Path
 from groundup import serving
 from groundup.errors import GroundupError, SettingsError
 from groundup.files import write_json
-from groundup.serving import HOST, Server, ServerError, free_port, terminate, wait_until_healthy
+from groundup.serving import HOST, Server, free_port, terminate, wait_until_healthy
 
 STATE_FILE = "cluster.json"
 POOLS = ("groundup-cpu", "groundup-gpu")
@@ -344,17 +344,4 @@ def down(directory: str | Path, remove_data: bool = False) -> list[Server]:
     return stopped
 
 
-def restart_worker(directory: str | Path, pool: str) -> Server:
-    """Start the recorded worker of ``pool`` again (after it died or was killed); records the new pid."""
-    state = read_state(directory)
-    old = Server(**state["servers"][f"worker-{pool}"])
-    if old.alive():
-        raise ServerError(f"the worker of {pool} is still running (pid {old.pid})")
-    env = {**os.environ, **client_environment(state)}
-    server = start_worker(pool, Path(state["worker_dirs"][pool]), Path(old.log).parent, env)
-    state["servers"][server.name] = asdict(server)
-    write_json(state_path(directory), state)
-    return server
-
-
-__all__ = ["up", "down", "restart_worker", "client_environment", "read_state"]
+__all__ = ["up", "down", "client_environment", "read_state"]
