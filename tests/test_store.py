@@ -176,3 +176,13 @@ def test_stage_inputs_and_results_travel_as_urls_and_come_back_as_local_copies(t
     assert isinstance(back, Result) and back.metrics == {"loss": 1.0}
     assert Path(back.model_dir).is_relative_to(tmp_path / "pipeline-cache")
     assert missing_outputs(back) == [] and missing_outputs(Result(str(tmp_path / "gone"), {})) == [str(tmp_path / "gone")]
+
+
+def test_placing_an_unknown_stage_is_refused_before_any_stage():
+    from groundup.config import ConfigError, PipelineConfig
+    from groundup.flows.pipeline import check
+
+    assert PipelineConfig().placement == {}  # the default: every stage in-process
+    with pytest.raises(ConfigError, match=r"unknown stages \['finetuning'\]; stages: download_text"):
+        check(PipelineConfig(placement={"finetuning": "groundup-gpu"}))
+    check(PipelineConfig(placement={"finetune": "groundup-gpu", "generate_responses": "groundup-gpu"}))
