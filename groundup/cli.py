@@ -166,7 +166,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(f"{name:20} pid {server['pid']:<7} {server['url'] or ''}   log {server['log']}")
     print("\nclients and workers of this cluster use:")
     print("\n".join(f"  export {key}={value}" for key, value in cluster.client_environment(state).items()))
-    print(f"then: groundup deploy --pool groundup-cpu  and  groundup deploy --pool groundup-gpu;  stop: groundup cluster down --dir {args.dir}")
+    print("then, with that environment: groundup deploy --pool groundup-cpu --output-dir DIR; "
+          "groundup deploy --pool groundup-gpu --stages-only")
+    print(f"stop: groundup cluster down --dir {args.dir}")
     return 0
 
 
