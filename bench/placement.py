@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect import flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from groundup.config import InstructDataConfig
     from groundup.flows.deployments import deploy_all
@@ -73,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, result = probe(placed=True)
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(result["placement"]["flow_run_id"])
-            task_runs = client.read_task_runs(
-                flow_run_filter={"id": {"any_": [str(run.id)]}}  # type: ignore[arg-type]
-            )
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         task_run = task_runs[0]
         split = (
             _seconds(str(run.created), str(run.start_time)),
