@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from groundup import environment, tracking
+from groundup.logs import quiet_expected_failures
 
 
 @contextlib.contextmanager
@@ -25,6 +26,7 @@ def parent_run(
     run in workers and served processes, so MLflow is configured here rather than trusted to be.
     """
     environment.prepare(output_dir)
+    quiet_expected_failures()  # also where flows run without the CLI: workers, served deployments
     if parent_run_id:
         yield parent_run_id
         return

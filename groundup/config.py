@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from groundup.errors import SettingsError
+
 THE_VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
 )
@@ -307,8 +309,8 @@ class PipelineConfig(Settings):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
-    """A profile or override that does not fit the settings models."""
+# The old name of a settings error (a profile or override that does not fit the settings models).
+ConfigError = SettingsError
 
 
 def config_digest(data: Any) -> str:

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from groundup.config import FinetuneConfig
+from groundup.errors import DeviceError
 from groundup.instruct import litgpt_finetune
-from groundup.instruct.litgpt_finetune import AcceleratorError, BaseModelError, LitGPTError
+from groundup.instruct.litgpt_finetune import BaseModelError, LitGPTError
 from groundup.instruct.prompts import format_prompt
 
 ENTRY = {
@@ -75,19 +76,19 @@ def test_cpu_placement_hides_gpus_and_uses_32_bit():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_requested_but_absent_accelerator_is_an_error():
-    with pytest.raises(AcceleratorError, match="'cuda' was requested but no CUDA GPU"):
+    with pytest.raises(DeviceError, match="finetune.runtime.accelerator='cuda': no cuda device is available"):
         litgpt_finetune.resolve_placement(FinetuneConfig(runtime={"accelerator": "cuda"}))
     if not torch.backends.mps.is_available():
-        with pytest.raises(AcceleratorError, match="'mps' was requested"):
+        with pytest.raises(DeviceError, match="finetune.runtime.accelerator='mps': no mps device"):
             litgpt_finetune.resolve_placement(FinetuneConfig(runtime={"accelerator": "mps"}))
 
 
 def test_unsupported_quantization_and_devices_on_cpu_are_errors():
     with pytest.raises(
-        AcceleratorError, match=r"quantize='bnb.nf4' \(bitsandbytes\) needs a CUDA GPU.*'cpu'"
+        DeviceError, match=r"finetune.quantize='bnb.nf4' \(bitsandbytes\) needs a CUDA GPU.*'cpu'"
     ):
         litgpt_finetune.resolve_placement(cpu_config(quantize="bnb.nf4"))
-    with pytest.raises(AcceleratorError, match="devices=2, num_nodes=1 needs CUDA GPUs"):
+    with pytest.raises(DeviceError, match="devices=2, num_nodes=1 needs CUDA GPUs"):
         litgpt_finetune.resolve_placement(cpu_config(runtime={"accelerator": "cpu", "devices": 2}))
 
 

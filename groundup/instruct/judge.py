@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from groundup.config import JudgeConfig
+from groundup.errors import SourceUnreachable
 from groundup.files import atomic_path, sha256_file
 
 MODEL_KEYS = ("base_model", "finetuned_model")
@@ -167,7 +168,7 @@ def summary_metrics(summary: Mapping[str, Mapping[str, float | int | None]]) -> 
 # ---------------------------------------------------------------------------------------------------------
 
 
-class JudgeError(RuntimeError):
+class JudgeError(SourceUnreachable):
     """The judge could not be reached or loaded, or answered with something that is not a reply."""
 
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import yaml
 
+from groundup import devices
 from groundup.config import FinetuneConfig
+from groundup.errors import DeviceError, GroundupError, ModelError
 from groundup.files import write_json
 from groundup.instruct.data import holdout_validation, load_entries
 from groundup.train.plots import save_loss_plot
@@ -59,16 +61,12 @@ METRIC_COLUMNS = (
 ERROR_TAIL_LINES = 40
 
 
-class LitGPTError(RuntimeError):
+class LitGPTError(GroundupError, RuntimeError):
     """A LitGPT subprocess failed; the message carries the end of its output."""
 
 
-class BaseModelError(ValueError):
+class BaseModelError(ModelError):
     """A base model that cannot be used (not a checkpoint, not downloadable, gated without a token)."""
-
-
-class AcceleratorError(ValueError):
-    """An accelerator, precision or quantization setting this machine cannot run."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,55 +173,25 @@ class Placement:
 
 def resolve_placement(config: FinetuneConfig) -> Placement:
     """Check the requested accelerator, devices, precision and quantization against this machine."""
-    import torch
-
     runtime = config.runtime
-    has_cuda = torch.cuda.is_available()
-    has_mps = torch.backends.mps.is_available()
-    accelerator = runtime.accelerator
-    if accelerator == "auto":
-        accelerator = "cuda" if has_cuda else "mps" if has_mps else "cpu"
-    elif accelerator == "cuda" and not has_cuda:
-        raise AcceleratorError("accelerator 'cuda' was requested but no CUDA GPU is available to PyTorch")
-    elif accelerator == "mps" and not has_mps:
-        raise AcceleratorError("accelerator 'mps' was requested but Apple MPS is not available to PyTorch")
-    if accelerator == "cuda" and torch.cuda.device_count() < runtime.devices:
-        raise AcceleratorError(
-            f"devices={runtime.devices} was requested but only {torch.cuda.device_count()} CUDA GPU(s) are visible"
-        )
-    if accelerator != "cuda" and runtime.devices * runtime.num_nodes > 1:
-        raise AcceleratorError(
-            f"devices={runtime.devices}, num_nodes={runtime.num_nodes} needs CUDA GPUs (LitGPT's multi-device "
-            f"LoRA runs data-parallel with FSDP); the accelerator here is {accelerator!r}"
+    accelerator = devices.resolve_accelerator(
+        runtime.accelerator, setting="finetune.runtime.accelerator", devices=runtime.devices
+    )
+    world_size = runtime.devices * runtime.num_nodes
+    if accelerator != "cuda" and world_size > 1:
+        raise DeviceError(
+            f"finetune.runtime: devices={runtime.devices}, num_nodes={runtime.num_nodes} needs CUDA GPUs (LitGPT's "
+            f"multi-device LoRA runs data-parallel with FSDP); the accelerator here is {accelerator!r}"
         )
     # CPUs (and MPS) have no fast bf16; LitGPT's own default would pick a 16-bit mode there.
     precision = runtime.precision or ("32-true" if accelerator in ("cpu", "mps") else None)
-    if config.quantize:
-        _check_quantization(config, accelerator, precision)
+    devices.check_quantization(
+        config.quantize, accelerator, setting="finetune.quantize", precision=precision, world_size=world_size
+    )
     env = {"LT_ACCELERATOR": accelerator}
     if accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return Placement(accelerator, precision, env)
-
-
-def _check_quantization(config: FinetuneConfig, accelerator: str, precision: str | None) -> None:
-    import importlib.util
-
-    if accelerator != "cuda":
-        raise AcceleratorError(
-            f"quantize={config.quantize!r} (bitsandbytes) needs a CUDA GPU, but the accelerator is {accelerator!r}; "
-            "remove finetune.quantize or run on CUDA"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise AcceleratorError(
-            f"quantize={config.quantize!r} needs the bitsandbytes package: pip install bitsandbytes"
-        )
-    if precision and "mixed" in precision:
-        raise AcceleratorError(
-            f"quantize={config.quantize!r} cannot be combined with precision {precision!r}"
-        )
-    if config.runtime.devices * config.runtime.num_nodes > 1:
-        raise AcceleratorError("LitGPT supports quantization only with devices=1 and num_nodes=1")
 
 
 # ---------------------------------------------------------------------------------------------------------

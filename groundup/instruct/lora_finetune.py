@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from groundup.config import FinetuneConfig, LoRAConfig, TrainConfig
+from groundup.errors import SettingsError
 from groundup.files import sha256_file, write_json
 from groundup.instruct.batching import InstructionDataset, instruction_loader
 from groundup.instruct.data import holdout_validation, load_entries
@@ -48,7 +49,7 @@ TOKENIZER = "gpt2"
 SAMPLE_TOKENS = 50
 
 
-class FinetuneError(ValueError):
+class FinetuneError(SettingsError):
     """Settings or inputs the groundup finetuning cannot start with; raised before any training."""
 
 
@@ -222,7 +223,7 @@ def finetune_gpt(
     """
     check_supported(config)
     try:
-        multi_device = resolve_runtime(config.runtime).world_size > 1
+        multi_device = resolve_runtime(config.runtime, "finetune.runtime").world_size > 1
     except TrainingError as exc:
         raise FinetuneError(str(exc)) from None
     if multi_device and not is_launched():

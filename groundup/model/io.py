@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
+from groundup.errors import ModelError
 from groundup.files import atomic_path, write_json
 from groundup.model.gpt import GPTConfig, GPTModel
 
@@ -21,7 +22,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that is missing, corrupted or does not fit the expected configuration."""
 
 
