@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from groundup import __version__
-from groundup.errors import GroundupError, ModelError, one_line
+from groundup.errors import GroundupError, InputDataError, ModelError, one_line
 
 
 def stage_settings(args: argparse.Namespace, sections: dict, extra: list[str] | None = None) -> list:
@@ -45,6 +45,14 @@ def stage_settings(args: argparse.Namespace, sections: dict, extra: list[str] | 
     return [load_config(model, args.profile, routed[name], section=name) for name, model in sections.items()]
 
 
+def input_file(path: str, what: str) -> str:
+    """A file the command reads, checked before any stage starts: a missing one is the user's to fix."""
+    if not Path(path).is_file():
+        problem = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise InputDataError(f"{what} {path!r} {problem}", fix="give the path of a file")
+    return path
+
+
 def _prepare(args: argparse.Namespace) -> Path:
     from groundup import environment
 
@@ -52,6 +60,8 @@ def _prepare(args: argparse.Namespace) -> Path:
 
 
 def _print(result) -> None:
+    if hasattr(result, "as_dict"):  # a stage's typed result
+        result = result.as_dict()
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -116,11 +126,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from groundup import devices
     from groundup.model.generate import stream
-    from groundup.model.io import load_model, tokenizer_name
+    from groundup.model.io import tokenizer_name
+    from groundup.model.loading import load_model, use_registry
     from groundup.text.tokenizers import get_tokenizer, text_to_token_ids
 
     directory = model_directory(args.model, args.output_dir)
     device = devices.torch_device(args.accelerator, setting="--accelerator")
+    use_registry(lambda ref: model_directory(ref, args.output_dir))  # an adapter's base, if only registered
     model = load_model(directory, device)
     tokenizer = get_tokenizer(tokenizer_name(directory))
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
@@ -273,6 +285,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
     from groundup.config import GenerationConfig
 
     (config,) = stage_settings(args, {"generation": GenerationConfig})
+    input_file(args.test_data, "test data")
     out = _prepare(args)
     from groundup.tasks.evaluate import generate_responses
 
@@ -284,6 +297,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from groundup.config import JudgeConfig
 
     (config,) = stage_settings(args, {"judge": JudgeConfig})
+    input_file(args.responses, "responses file")
     out = _prepare(args)
     from groundup.tasks.evaluate import judge_responses
 
@@ -295,6 +309,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from groundup.config import EvaluateConfig
 
     (config,) = stage_settings(args, {None: EvaluateConfig})
+    input_file(args.test_data, "test data")
     out = _prepare(args)
     from groundup.flows.evaluate import evaluate
 
@@ -310,7 +325,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     _prepare(args)
     from groundup import serving, tracking
 
-    tree = tracking.lineage(args.ref)
+    try:
+        tree = tracking.lineage(args.ref)
+    except LookupError as exc:
+        raise ModelError(str(exc), fix="name a registered model: name, name/version or name@alias") from None
     serving.link_flow_runs(tree, args.output_dir)
     print(json.dumps(tree, indent=2) if args.json else tracking.format_lineage(tree))
     return 0
@@ -405,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="split the instruction data and LoRA-finetune a base model", parents=[debug])
     p.add_argument("--base", metavar="ID_OR_DIR", help="hub id or checkpoint dir (default: the profile's)")
-    p.add_argument("--engine", choices=["groundup", "litgpt"], help="default: the profile's finetune.engine")
+    p.add_argument("--engine", help="groundup, litgpt or another registered engine (default: the profile's)")
     _common(p)
     p.set_defaults(func=cmd_finetune)
 

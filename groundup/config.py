@@ -4,6 +4,9 @@ The same models are the parameters of the Prefect flows (the Prefect UI renders 
 contents of the YAML profiles in ``groundup/profiles/`` and the targets of ``--set key=value`` overrides
 on the command line. Unknown keys are rejected everywhere, so a typo is an error instead of a silently
 ignored setting.
+
+Over 350 lines on purpose: every stage's settings in one module, so the profiles, the flows' parameter
+forms and ``--set`` overrides share one vocabulary that can be read in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from groundup.errors import SettingsError
+from groundup.instruct.engines import ENGINES, PRETRAINED_BASE, FinetuneBase, parse_base
 
 THE_VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -190,12 +194,16 @@ class LoRAConfig(Settings):
     head: bool = False
 
 
-# ``finetune.base`` naming the pipeline's own pretrained model (no GPT-2 weights needed, e.g. offline).
-PRETRAINED_BASE = "pretrained"
+def _check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise ValueError(f"unknown finetuning engine {name!r}; available: {', '.join(ENGINES)}")
+    return name
 
 
 class FinetuneConfig(Settings):
-    engine: Literal["groundup", "litgpt"] = "groundup"
+    engine: Annotated[str, AfterValidator(_check_engine)] = Field(
+        "groundup", description="A finetuning engine of groundup.instruct.engines.ENGINES: groundup or litgpt."
+    )
     base: str = Field(
         "gpt2-124M",
         description="groundup: a GPT-2 size ('gpt2-124M'), a groundup checkpoint dir, or 'pretrained' (the "
@@ -220,6 +228,11 @@ class FinetuneConfig(Settings):
     hf_token_secret: str | None = Field(
         None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN is used)."
     )
+
+    @property
+    def base_model(self) -> FinetuneBase:
+        """``base``, parsed once into what it names (GPT-2 size, ``pretrained``, directory, hub id)."""
+        return parse_base(self.base)
 
 
 # ---------------------------------------------------------------------------------------------------------

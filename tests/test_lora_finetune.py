@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 from groundup.config import FinetuneConfig, LoRAConfig, RuntimeConfig
 from groundup.files import sha256_file
-from groundup.instruct.lora_finetune import FinetuneError, finetune_gpt, gpt2_size
+from groundup.instruct.engines import gpt2_size
+from groundup.instruct.groundup_engine import FinetuneError, finetune_gpt
 from groundup.model.gpt import GPTModel, config_from_preset, init_weights
-from groundup.model.io import load_checkpoint, load_model, save_checkpoint
+from groundup.model.io import load_checkpoint, save_checkpoint
+from groundup.model.loading import load_model
 from groundup.model.lora import read_adapter_config
 from groundup.train.loop import TrainHooks
 

@@ -61,6 +61,8 @@ def parse_entries(path: Path, source: str | None = None) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InstructionDataError(f"instruction data {name!r} is not UTF-8 text: {exc}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise InstructionDataError(f"instruction data {name!r}: no such file") from None
     if not text.strip():
         raise InstructionDataError(f"instruction data {name!r} is empty")
     try:

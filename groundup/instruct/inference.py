@@ -256,7 +256,8 @@ class LitGPTModel(CausalLM):
 
 class GroundupModel(CausalLM):
     def __init__(self, directory: str | Path, *, accelerator: str = "auto") -> None:
-        from groundup.model.io import load_model, tokenizer_name
+        from groundup.model.io import tokenizer_name
+        from groundup.model.loading import load_model
         from groundup.text.tokenizers import get_tokenizer
 
         directory = Path(directory).resolve()

@@ -4,6 +4,9 @@ The prompt is the workshop's, sent through the judge model's chat template (Llam
 default judge). Unlike the workshop, no reply is dropped: a reply without a usable score is kept, counted
 and reported as unparsed next to the statistics of the parsed ones.
 
+Over 350 lines: the judge prompt, score parsing, both backends and the statistics are one stage's logic;
+splitting the backends out is the evaluation work's call.
+
 Score parsing (:func:`parse_score`) reads the first number in the reply and accepts it only if it is a
 whole number from 0 to 100:
 

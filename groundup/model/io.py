@@ -101,14 +101,3 @@ def load_checkpoint(
         raise CheckpointError(f"{directory}: checkpoint config differs from the expected one: {diff}")
     model = load_state(directory, GPTModel(cfg))
     return model.to(device).eval()
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
-    """Any model directory the pipeline writes: a checkpoint, or a LoRA adapter dir (``adapter.json``)
-    whose base checkpoint it names. The one entry point for ``groundup generate`` and the response stage."""
-    path = Path(path)
-    if (path / "adapter.json").is_file():
-        from groundup.model.lora import load_adapted_model
-
-        return load_adapted_model(path, device)
-    return load_checkpoint(path, device)

@@ -17,6 +17,9 @@ What it adds to the workshop's loop, and why:
 
 Fabric launches multi-device runs by re-executing ``sys.argv``, which must not be a Prefect flow or a test
 runner: runs with more than one device go through :func:`groundup.train.launch.run_launched`.
+
+Over 350 lines on purpose: the loop, its batch order and its checkpoint/resume logic depend on each other's
+details (which batch of which epoch, which random state), and read best side by side.
 """
 
 from __future__ import annotations
