@@ -194,6 +194,17 @@ class LoRAConfig(Settings):
     head: bool = False
 
 
+class LitGPTOptions(Settings):
+    """Finetuning options only the LitGPT engine has (``finetune.litgpt.*``)."""
+
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = Field(
+        None, description="bitsandbytes quantization of the base (QLoRA); needs one CUDA GPU."
+    )
+    hf_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN is used)."
+    )
+
+
 def _check_engine(name: str) -> str:
     if name not in ENGINES:
         raise ValueError(f"unknown finetuning engine {name!r}; available: {', '.join(ENGINES)}")
@@ -219,15 +230,12 @@ class FinetuneConfig(Settings):
     max_seq_length: int | None = Field(None, ge=8)
     mask_prompt: bool = False
     prompt_style: Literal["alpaca", "phi-3"] = "alpaca"
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None
     eval_interval: int = Field(50, ge=1)
     log_interval: int = Field(10, ge=1)
     seed: int = 1337
     lora: LoRAConfig = LoRAConfig()
     runtime: RuntimeConfig = RuntimeConfig()
-    hf_token_secret: str | None = Field(
-        None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN is used)."
-    )
+    litgpt: LitGPTOptions = LitGPTOptions()
 
     @property
     def base_model(self) -> FinetuneBase:

@@ -121,7 +121,8 @@ class FinetuneResult(StageResult):
 
     def as_dict(self) -> dict[str, Any]:
         data = super().as_dict()
-        return {**data, **data.pop("outputs")}
+        outputs = data.pop("outputs")
+        return {**data, **outputs}
 
 
 def registry_name(base: str, base_model_ref: str | None) -> str:
@@ -168,7 +169,7 @@ def finetune(
                 fix="run the finetune or pipeline flow, which runs that stage first, or give a checkpoint directory",
             )
         else:
-            token = hf_token(config.hf_token_secret) if base.kind == "hub" else None
+            token = hf_token(config.litgpt.hf_token_secret) if base.kind == "hub" else None
             base_dir = engine.prepare_base(base, out, hf_token=token, on_line=logger.info).resolve()
         base_sha256 = sha256_tree(base_dir)
         train_sha256 = sha256_file(train_path)

@@ -43,8 +43,8 @@ class ToyEngine:
     accepts = ("directory",)
 
     def check(self, config: FinetuneConfig) -> None:
-        if config.quantize:
-            raise SettingsError(f"finetune.quantize={config.quantize!r}: the toy engine does not quantize")
+        if config.max_steps == 0:
+            raise SettingsError("finetune.max_steps=0: the toy engine learns in one step")
 
     def prepare_base(self, base, output_root: Path, *, hf_token=None, on_line=None) -> Path:
         return Path(base.value)

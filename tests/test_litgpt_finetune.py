@@ -86,9 +86,9 @@ def test_a_requested_but_absent_accelerator_is_an_error():
 
 def test_unsupported_quantization_and_devices_on_cpu_are_errors():
     with pytest.raises(
-        DeviceError, match=r"finetune.quantize='bnb.nf4' \(bitsandbytes\) needs a CUDA GPU.*'cpu'"
+        DeviceError, match=r"finetune.litgpt.quantize='bnb.nf4' \(bitsandbytes\) needs a CUDA GPU.*'cpu'"
     ):
-        litgpt_engine.resolve_placement(cpu_config(quantize="bnb.nf4"))
+        litgpt_engine.resolve_placement(cpu_config(litgpt={"quantize": "bnb.nf4"}))
     with pytest.raises(DeviceError, match="devices=2, num_nodes=1 needs CUDA GPUs"):
         litgpt_engine.resolve_placement(cpu_config(runtime={"accelerator": "cpu", "devices": 2}))
 
@@ -186,7 +186,7 @@ def test_a_gated_model_without_token_says_how_to_provide_one(tmp_path, monkeypat
         hub.server_close()
     message = str(info.value)
     assert "'meta-llama/Meta-Llama-3-8B-Instruct' is gated" in message
-    assert "HF_TOKEN" in message and "finetune.hf_token_secret" in message
+    assert "HF_TOKEN" in message and "finetune.litgpt.hf_token_secret" in message
     assert not (
         tmp_path / "checkpoints" / "meta-llama" / "Meta-Llama-3-8B-Instruct" / "lit_model.pth"
     ).exists()

@@ -152,8 +152,8 @@ def test_an_interrupted_run_resumes_from_its_adapter_checkpoint(finetuned, tiny_
 def test_settings_the_engine_cannot_run(tiny_base, train_json, tmp_path):
     with pytest.raises(FinetuneError, match="multiple of micro_batch_size"):
         finetune_gpt(tiny_base, train_json, tiny_config(global_batch_size=6), tmp_path / "a")
-    with pytest.raises(FinetuneError, match="quantize='bnb.nf4' is a LitGPT"):
-        finetune_gpt(tiny_base, train_json, tiny_config(quantize="bnb.nf4"), tmp_path / "b")
+    with pytest.raises(FinetuneError, match="litgpt.quantize='bnb.nf4' is a LitGPT"):
+        finetune_gpt(tiny_base, train_json, tiny_config(litgpt={"quantize": "bnb.nf4"}), tmp_path / "b")
     small_vocab = save_checkpoint(
         GPTModel(config_from_preset("gpt-tiny", vocab_size=100)), tmp_path / "small"
     )

@@ -139,10 +139,10 @@ def train_settings(config: FinetuneConfig, eval_batches: int) -> TrainConfig:
 
 def check_supported(config: FinetuneConfig) -> None:
     """Settings this engine refuses, checked before anything is read or written."""
-    if config.quantize:
+    if config.litgpt.quantize:
         raise FinetuneError(
-            f"quantize={config.quantize!r} is a LitGPT (bitsandbytes) option; the groundup engine trains "
-            "unquantized weights: leave quantize empty or use engine=litgpt"
+            f"finetune.litgpt.quantize={config.litgpt.quantize!r} is a LitGPT (bitsandbytes) option; the groundup "
+            "engine trains unquantized weights: leave it empty or use engine=litgpt"
         )
     if config.global_batch_size % config.micro_batch_size:
         raise FinetuneError(

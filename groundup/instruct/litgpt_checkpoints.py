@@ -11,7 +11,7 @@ from groundup.instruct.litgpt_process import LineCallback, LitGPTError, run_litg
 
 TOKEN_HELP = (
     "set the HF_TOKEN environment variable, or store the token in a Prefect Secret block and name it in "
-    "finetune.hf_token_secret (e.g. --set finetune.hf_token_secret=hf-token)"
+    "finetune.litgpt.hf_token_secret (e.g. --set finetune.litgpt.hf_token_secret=hf-token)"
 )
 
 

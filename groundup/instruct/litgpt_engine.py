@@ -76,7 +76,7 @@ def resolve_placement(config: FinetuneConfig) -> Placement:
     # CPUs (and MPS) have no fast bf16; LitGPT's own default would pick a 16-bit mode there.
     precision = runtime.precision or ("32-true" if accelerator in ("cpu", "mps") else None)
     devices.check_quantization(
-        config.quantize, accelerator, setting="finetune.quantize", precision=precision, world_size=world_size
+        config.litgpt.quantize, accelerator, setting="finetune.litgpt.quantize", precision=precision, world_size=world_size
     )
     env = {"LT_ACCELERATOR": accelerator}
     if accelerator == "cpu":
@@ -128,7 +128,7 @@ def litgpt_settings(
         "checkpoint_dir": str(base_dir),
         "out_dir": str(out_dir),
         "precision": placement.precision,
-        "quantize": config.quantize,
+        "quantize": config.litgpt.quantize,
         "devices": config.runtime.devices,
         "num_nodes": config.runtime.num_nodes,
         "lora_r": lora.r,
