@@ -29,6 +29,26 @@ def gpt2_base(
     return {"base_checkpoint": fetched["checkpoint"], "base_model_ref": fetched["model_version"]}
 
 
+@flow(name="split-instructions", log_prints=True)
+def split_instructions(
+    data: InstructDataConfig = InstructDataConfig(),
+    output_dir: str = "artifacts",
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Fetch, validate and split the instruction data (``groundup instruct split``): the first stage of
+    ``finetune``, on its own."""
+    with parent_run(
+        "split-instructions", config=data, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id
+    ) as run_id:
+        stages = Stages()
+        stages.submit(
+            "split_instructions", finetune_tasks.split_instructions, data,
+            **StageContext(output_dir, experiment, run_id).kwargs,
+        )  # fmt: skip
+        return stages.result("split_instructions", "train")
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(
     config: FinetuneConfig = FinetuneConfig(),

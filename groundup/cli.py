@@ -2,7 +2,7 @@
 
 Each command builds its settings one way (:func:`stage_settings`: a profile plus ``--set key=value``
 overrides, into the same pydantic models the Prefect flows take), prepares the environment (Prefect's
-local API, MLflow on SQLite under the output directory) and runs the stage. Heavy imports happen inside the
+local API, MLflow on SQLite under the output directory) and runs the stage's flow. Heavy imports happen inside the
 commands, so ``groundup --help`` is instant.
 
 Errors: a :class:`groundup.errors.GroundupError` (bad input, an absent accelerator, an unreachable source)
@@ -237,9 +237,9 @@ def cmd_instruct_split(args: argparse.Namespace) -> int:
         extra.append(f"seed={args.seed}")
     (config,) = stage_settings(args, {"instruct": InstructDataConfig}, extra)
     out = _prepare(args)
-    from groundup.tasks.finetune import split_instructions
+    from groundup.flows.finetune import split_instructions
 
-    result = split_instructions(config, output_dir=str(out))
+    result = split_instructions(data=config, output_dir=str(out))
     if args.out:
         from groundup.instruct.data import copy_split
 
@@ -287,9 +287,9 @@ def cmd_respond(args: argparse.Namespace) -> int:
     (config,) = stage_settings(args, {"generation": GenerationConfig})
     input_file(args.test_data, "test data")
     out = _prepare(args)
-    from groundup.tasks.evaluate import generate_responses
+    from groundup.flows.evaluate import respond
 
-    _print(generate_responses(args.test_data, args.base, args.finetuned, config, output_dir=str(out)))
+    _print(respond(config, args.test_data, args.base, args.finetuned, output_dir=str(out)))
     return 0
 
 
@@ -299,9 +299,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
     (config,) = stage_settings(args, {"judge": JudgeConfig})
     input_file(args.responses, "responses file")
     out = _prepare(args)
-    from groundup.tasks.evaluate import judge_responses
+    from groundup.flows.evaluate import judge
 
-    _print(judge_responses(args.responses, config, args.finetuned_ref, output_dir=str(out)))
+    _print(judge(config, args.responses, args.finetuned_ref, output_dir=str(out)))
     return 0
 
 
