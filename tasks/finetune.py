@@ -20,7 +20,7 @@ from groundup.config import FinetuneConfig, InstructDataConfig, config_digest
 from groundup.errors import SettingsError
 from groundup.files import sha256_file, sha256_tree
 from groundup.instruct import data as instruct_data
-from groundup.instruct.engines import TrainCallbacks, checked_engine
+from groundup.instruct.engines import FinetuneJob, TrainCallbacks, checked_engine
 from groundup.tasks.common import (
     StageResult,
     content_key_with,
@@ -184,10 +184,11 @@ def finetune(
         callbacks = TrainCallbacks(
             on_eval=log_eval, on_line=logger.info, on_progress=progress_reporter(f"LoRA finetuning of {config.base}")
         )
-        outcome = engine.train(
-            base_dir, Path(train_path), config, out / "finetune" / f"{engine.name}-{run_key}",
-            val_fraction=val_fraction, seed=seed, base_model_ref=base_model_ref, callbacks=callbacks,
-        )  # fmt: skip
+        job = FinetuneJob(
+            base_dir, Path(train_path), config, out / "finetune" / f"{engine.name}-{run_key}", val_fraction, seed,
+            base_model_ref,
+        )
+        outcome = engine.train(job, callbacks)
         for point in outcome.evals:  # evaluations of an earlier, interrupted session of this run
             if point.step not in logged:
                 log_eval(point)

@@ -49,20 +49,20 @@ class ToyEngine:
     def prepare_base(self, base, output_root: Path, *, hf_token=None, on_line=None) -> Path:
         return Path(base.value)
 
-    def train(self, base_dir, train_path, config, out_dir, *, val_fraction, seed, base_model_ref, callbacks):
-        entries = json.loads(Path(train_path).read_text(encoding="utf-8"))
-        split = max(1, int(len(entries) * val_fraction))
+    def train(self, job, callbacks):
+        entries = json.loads(job.train_path.read_text(encoding="utf-8"))
+        split = max(1, int(len(entries) * job.val_fraction))
         fit, val = entries[split:], entries[:split]
         answer, count = Counter(e["output"] for e in fit).most_common(1)[0]
-        model_dir = out_dir / "model"
+        model_dir = job.out_dir / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "answer.json").write_text(json.dumps({"base": str(base_dir), "answer": answer}))
-        val_file = out_dir / "val.json"
+        (model_dir / "answer.json").write_text(json.dumps({"base": str(job.base_dir), "answer": answer}))
+        val_file = job.out_dir / "val.json"
         val_file.write_text(json.dumps(val), encoding="utf-8")
         accuracy = sum(e["output"] == answer for e in val) / len(val)
         callbacks.on_eval(EvalPoint(step=1, epoch=1.0, tokens_seen=0, train_loss=1 - count / len(fit), val_loss=1 - accuracy, lr=0.0))
         return FinetuneOutcome(
-            model_dir=model_dir, out_dir=out_dir, val_file=val_file, n_train=len(fit), n_val=len(val),
+            model_dir=model_dir, out_dir=job.out_dir, val_file=val_file, n_train=len(fit), n_val=len(val),
             final_metrics={"val_accuracy": accuracy}, summary=f"Answers {answer!r} to everything.",
         )  # fmt: skip
 

@@ -99,6 +99,19 @@ class FinetuneOutcome:
     extra: dict[str, str] = field(default_factory=dict)  # engine-specific outputs returned to the caller
 
 
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One finetuning run as an engine gets it: locations and settings, nothing in memory."""
+
+    base_dir: Path  # the base checkpoint
+    train_path: Path  # the training entries (JSON); ``val_fraction`` of them held out with ``seed``
+    config: Any  # the finetune settings
+    out_dir: Path  # where the run writes (resumes from) its files
+    val_fraction: float
+    seed: int
+    base_model_ref: str | None = None  # the base's registered version, for the lineage
+
+
 @dataclass
 class TrainCallbacks:
     """What the task wants to hear while an engine trains (all optional)."""
@@ -122,19 +135,8 @@ class FinetuneEngine(Protocol):
         """The local checkpoint directory of a ``directory`` or ``hub`` base (downloads go under
         ``output_root``)."""
 
-    def train(
-        self,
-        base_dir: Path,
-        train_path: Path,
-        config: Any,
-        out_dir: Path,
-        *,
-        val_fraction: float,
-        seed: int,
-        base_model_ref: str | None,
-        callbacks: TrainCallbacks,
-    ) -> FinetuneOutcome:
-        """LoRA-finetune ``base_dir`` on ``train_path`` (``val_fraction`` held out with ``seed``)."""
+    def train(self, job: FinetuneJob, callbacks: TrainCallbacks) -> FinetuneOutcome:
+        """LoRA-finetune ``job.base_dir`` on ``job.train_path``."""
 
 
 def get_engine(name: str) -> FinetuneEngine:

@@ -35,7 +35,7 @@ from groundup.errors import SettingsError
 from groundup.files import sha256_file, write_json
 from groundup.instruct.batching import InstructionDataset, instruction_loader
 from groundup.instruct.data import holdout_validation, load_entries
-from groundup.instruct.engines import FinetuneBase, FinetuneOutcome, TrainCallbacks
+from groundup.instruct.engines import FinetuneBase, FinetuneJob, FinetuneOutcome, TrainCallbacks
 from groundup.instruct.prompts import format_prompt
 from groundup.model.generate import generate
 from groundup.model.gpt import GPTModel
@@ -331,20 +331,10 @@ class GroundupEngine:
         """A directory base is used in place (GPT-2 sizes and ``pretrained`` come from their stages)."""
         return Path(base.value)
 
-    def train(
-        self,
-        base_dir: Path,
-        train_path: Path,
-        config: FinetuneConfig,
-        out_dir: Path,
-        *,
-        val_fraction: float,
-        seed: int,
-        base_model_ref: str | None,
-        callbacks: TrainCallbacks,
-    ) -> FinetuneOutcome:
+    def train(self, job: FinetuneJob, callbacks: TrainCallbacks) -> FinetuneOutcome:
         result = finetune_gpt(
-            base_dir, train_path, config, out_dir, val_fraction=val_fraction, seed=seed, base_model_ref=base_model_ref,
+            job.base_dir, job.train_path, job.config, job.out_dir, val_fraction=job.val_fraction, seed=job.seed,
+            base_model_ref=job.base_model_ref,
             hooks=TrainHooks(on_eval=callbacks.on_eval, on_progress=callbacks.on_progress),
         )  # fmt: skip
         return FinetuneOutcome(

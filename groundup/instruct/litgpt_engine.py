@@ -30,7 +30,7 @@ from groundup.config import FinetuneConfig
 from groundup.errors import DeviceError, SettingsError
 from groundup.files import write_json
 from groundup.instruct.data import holdout_validation, load_entries
-from groundup.instruct.engines import FinetuneBase, FinetuneOutcome, TrainCallbacks
+from groundup.instruct.engines import FinetuneBase, FinetuneJob, FinetuneOutcome, TrainCallbacks
 from groundup.instruct.litgpt_checkpoints import check_checkpoint_dir, resolve_base_model
 from groundup.instruct.litgpt_metrics import (
     TrainingMetrics,
@@ -283,20 +283,9 @@ class LitGPTEngine:
     ) -> Path:
         return resolve_base_model(base.value, output_root / "checkpoints" / "litgpt", hf_token=hf_token, on_line=on_line)
 
-    def train(
-        self,
-        base_dir: Path,
-        train_path: Path,
-        config: FinetuneConfig,
-        out_dir: Path,
-        *,
-        val_fraction: float,
-        seed: int,
-        base_model_ref: str | None,
-        callbacks: TrainCallbacks,
-    ) -> FinetuneOutcome:
+    def train(self, job: FinetuneJob, callbacks: TrainCallbacks) -> FinetuneOutcome:
         result = finetune_lora(
-            base_dir, train_path, config, out_dir, val_fraction=val_fraction, seed=seed,
+            job.base_dir, job.train_path, job.config, job.out_dir, val_fraction=job.val_fraction, seed=job.seed,
             on_line=callbacks.on_line, on_progress=callbacks.on_progress,
         )  # fmt: skip
         return FinetuneOutcome(
