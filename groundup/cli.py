@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from groundup import __version__
-from groundup.errors import GroundupError, InputDataError, ModelError, one_line
+from groundup.errors import GroundupError, InputDataError, ModelError
 
 
 def stage_settings(args: argparse.Namespace, sections: dict, extra: list[str] | None = None) -> list:
@@ -496,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         error = user_error(exc)
         if error is None or debug:
             raise
-        print(f"groundup: {one_line(error)}", file=sys.stderr)
+        # The whole message: its first line says what is wrong; lines after it list the details (every
+        # problem in a data file, the end of a subprocess's output).
+        print(f"groundup: {str(error).strip() or type(error).__name__}", file=sys.stderr)
         return error.exit_code
 
 
