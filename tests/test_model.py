@@ -112,6 +112,18 @@ def test_checkpoint_round_trip_tied_weights(tmp_path):
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["tokenizer"] == "gpt2"
 
 
+def test_checkpoint_loads_onto_the_meta_built_model_with_identical_logits(tmp_path):
+    model = tiny().eval()
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert all(p.requires_grad for p in loaded.parameters())  # finetuning starts from a loaded model
+    assert loaded.out_head.weight is not loaded.tok_emb.weight
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
 def test_checkpoint_of_another_config_and_corrupted_file_are_errors(tmp_path):
     save_checkpoint(tiny(), tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="differs from the expected one"):
