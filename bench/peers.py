@@ -140,8 +140,12 @@ def generate_groundup(model, prompt: torch.Tensor, new_tokens: int, compile: boo
 def generate_transformers(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     # No end-of-text stop (groundup's generate has none unless asked): both run all new_tokens steps.
     return model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
-        eos_token_id=None, pad_token_id=0,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )
 
 
@@ -169,8 +173,16 @@ def train_groundup(directory: Path, args: argparse.Namespace, compile: bool) -> 
     model = load_state(directory, GPTModel(cfg))
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     runtime = RuntimeConfig(accelerator=args.device, precision=precision, compile=compile)
-    settings = TrainConfig(epochs=1, batch_size=args.batch, lr=4e-4, weight_decay=0.1, eval_freq=10**9,
-                           eval_iter=1, checkpoint_every=10**9, runtime=runtime)
+    settings = TrainConfig(
+        epochs=1,
+        batch_size=args.batch,
+        lr=4e-4,
+        weight_decay=0.1,
+        eval_freq=10**9,
+        eval_iter=1,
+        checkpoint_every=10**9,
+        runtime=runtime,
+    )
     loader = training_batches(args)
     marks: dict[int, float] = {}
     memory = PeakMemory(args.device)
@@ -183,7 +195,9 @@ def train_groundup(directory: Path, args: argparse.Namespace, compile: bool) -> 
 
     with memory, tempfile.TemporaryDirectory() as run_dir:
         fit(model, loader, None, settings, run_dir, hooks=TrainHooks(on_progress=clock), saver=_Discard())
-    return args.steps * args.batch * args.context / (marks[args.warmup + args.steps] - marks[args.warmup]), memory.peak
+    return args.steps * args.batch * args.context / (
+        marks[args.warmup + args.steps] - marks[args.warmup]
+    ), memory.peak
 
 
 def train_transformers(directory: Path, args: argparse.Namespace) -> tuple[float, int]:
@@ -218,7 +232,9 @@ def check_same_function(ours, theirs, device: str) -> float:
     with torch.no_grad():
         difference = (ours(idx) - theirs(idx).logits).abs().max().item()
     if difference > 1e-3:
-        raise SystemExit(f"the converted weights do not give the same logits (max difference {difference:.2e})")
+        raise SystemExit(
+            f"the converted weights do not give the same logits (max difference {difference:.2e})"
+        )
     return difference
 
 
@@ -239,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     identical: list[bool] = []
 
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
-        print(f"writing a random {args.size} GPT-2 (HF safetensors + groundup conversion) ...", file=sys.stderr)
+        print(
+            f"writing a random {args.size} GPT-2 (HF safetensors + groundup conversion) ...", file=sys.stderr
+        )
         hf_dir, ours_dir = same_weights(args, Path(tmp))
         ours, theirs = load_groundup(ours_dir, args.device), load_transformers(hf_dir, args.device)
         difference = check_same_function(ours, theirs, args.device)
@@ -251,19 +269,26 @@ def main(argv: list[str] | None = None) -> int:
                 "transformers generate": lambda: generate_transformers(theirs, prompt, args.new_tokens),
             }
             if compile_too:
-                warm_ups["groundup generate, compile"] = lambda: generate_groundup(ours, prompt, args.new_tokens, True)
+                warm_ups["groundup generate, compile"] = lambda: generate_groundup(
+                    ours, prompt, args.new_tokens, True
+                )
             for name, run in warm_ups.items():
                 first_call[name] = timed(args.device, run)[1]
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}/{args.rounds} ...", file=sys.stderr)
             if "load" not in args.skip:
-                for name, load, directory in (("load", load_groundup, ours_dir), ("load ref", load_transformers, hf_dir)):
+                for name, load, directory in (
+                    ("load", load_groundup, ours_dir),
+                    ("load ref", load_transformers, hf_dir),
+                ):
                     _, seconds, peak = timed(args.device, functools.partial(load, directory, args.device))
                     speeds[name].append(seconds)
                     memory[name] = max(memory.get(name, 0), peak)
             if "generate" not in args.skip:
-                runs = {"generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
-                        "generate ref": lambda: generate_transformers(theirs, prompt, args.new_tokens)}
+                runs = {
+                    "generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
+                    "generate ref": lambda: generate_transformers(theirs, prompt, args.new_tokens),
+                }
                 if compile_too:
                     runs["generate compile"] = lambda: generate_groundup(ours, prompt, args.new_tokens, True)
                 outputs = {}
@@ -273,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                     memory[name] = max(memory.get(name, 0), peak)
                 identical.append(all(torch.equal(out, outputs["generate ref"]) for out in outputs.values()))
             if "train" not in args.skip:
-                for name, train in (("train", lambda: train_groundup(ours_dir, args, False)),
-                                    ("train ref", lambda: train_transformers(hf_dir, args)),
-                                    ("train compile", lambda: train_groundup(ours_dir, args, True))):
+                for name, train in (
+                    ("train", lambda: train_groundup(ours_dir, args, False)),
+                    ("train ref", lambda: train_transformers(hf_dir, args)),
+                    ("train compile", lambda: train_groundup(ours_dir, args, True)),
+                ):
                     if name == "train compile" and not compile_too:
                         continue
                     speed, peak = train()
@@ -285,10 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     import transformers
 
-    print(f"groundup vs transformers {transformers.__version__} GPT2LMHeadModel (sdpa), {args.size} shape, same "
-          f"weights (max logit difference {difference:.1e}); {device}; torch {torch.__version__}; "
-          f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| measurement | groundup | transformers | groundup ÷ transformers (per round) | peak memory MB, groundup / transformers |")
+    print(
+        f"groundup vs transformers {transformers.__version__} GPT2LMHeadModel (sdpa), {args.size} shape, same "
+        f"weights (max logit difference {difference:.1e}); {device}; torch {torch.__version__}; "
+        f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f} at the end\n"
+    )
+    print(
+        "| measurement | groundup | transformers | groundup ÷ transformers (per round) | peak memory MB, groundup / transformers |"
+    )
     print("| --- | ---: | ---: | --- | --- |")
 
     def row(label: str, ours_key: str, ref_key: str, unit: str) -> None:
@@ -296,20 +327,31 @@ def main(argv: list[str] | None = None) -> int:
             return
         ratios = ", ".join(f"{a / b:.2f}×" for a, b in zip(speeds[ours_key], speeds[ref_key], strict=True))
         mb = f"{memory[ours_key] / 1e6:,.0f} / {memory[ref_key] / 1e6:,.0f}"
-        print(f"| {label} | {statistics.median(speeds[ours_key]):,.2f} {unit} | "
-              f"{statistics.median(speeds[ref_key]):,.2f} {unit} | {ratios} | {mb} |")
+        print(
+            f"| {label} | {statistics.median(speeds[ours_key]):,.2f} {unit} | "
+            f"{statistics.median(speeds[ref_key]):,.2f} {unit} | {ratios} | {mb} |"
+        )
 
     row("load a checkpoint (lower is better)", "load", "load ref", "s")
     row(f"generate {args.new_tokens} tokens, greedy, KV cache", "generate", "generate ref", "tok/s")
     row("… groundup with `compile=True`", "generate compile", "generate ref", "tok/s")
-    row(f"train, batch {args.batch} × {args.context}" + (", bf16-mixed" if gpu else ", fp32"), "train", "train ref", "tok/s")
+    row(
+        f"train, batch {args.batch} × {args.context}" + (", bf16-mixed" if gpu else ", fp32"),
+        "train",
+        "train ref",
+        "tok/s",
+    )
     row("… groundup with `train.compile`", "train compile", "train ref", "tok/s")
     if identical:
-        print(f"\ngreedy tokens identical (groundup eager{', compiled' if compile_too else ''} and transformers): "
-              f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds")
+        print(
+            f"\ngreedy tokens identical (groundup eager{', compiled' if compile_too else ''} and transformers): "
+            f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds"
+        )
     if first_call:
-        print("first calls (untimed warm-ups, compilation included): "
-              + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first_call.items()))
+        print(
+            "first calls (untimed warm-ups, compilation included): "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first_call.items())
+        )
     return 0 if all(identical) else 1
 
 

@@ -144,7 +144,10 @@ class CausalLM(ABC):
         return idx, max_new_tokens
 
 
-def _right_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch, longest)`` ids, each row's prompt followed by ``pad_id``, and each row's length."""
     lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
     idx = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):

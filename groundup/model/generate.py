@@ -126,9 +126,9 @@ def stream(
     the first ``lengths[i]`` columns, whatever follows is padding that no token attends to. Each row ends at
     its first ``eos_id``, which is not yielded; generation stops once every row has ended, and a row that
     ended earlier is padded with ``eos_id`` meanwhile. ``seed`` makes sampling reproducible without touching
-    the global RNG. ``compile`` runs the one-token step through ``torch.compile`` (compiled once per batch
-    size and cache length at first; greedy output stays the same). The model runs in eval mode, then gets its mode
-    back. Arguments are checked here, before the first token is asked for.
+    the global RNG. ``compile`` runs the one-token step through ``torch.compile`` (the first call compiles;
+    greedy output stays the same). The model runs in eval mode, then gets its mode back. Arguments are
+    checked here, before the first token is asked for.
     """
     window = _check_arguments(model, idx, lengths, context_size, temperature, top_k, top_p, use_cache)
     if lengths is None:
@@ -140,7 +140,9 @@ def stream(
     )
 
 
-def decode_step(model: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+def decode_step(
+    model: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor
+) -> torch.Tensor:
     """One token per row at its position in the cache: the ``(batch, vocab)`` logits of the next one."""
     return model(tokens, cache, positions)[:, -1]
 

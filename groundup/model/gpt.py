@@ -220,7 +220,9 @@ class GPTModel(nn.Module):
         b, t = in_idx.shape
         if positions is None:
             if t > self.cfg.context_length:
-                raise ValueError(f"sequence of {t} tokens exceeds the context length {self.cfg.context_length}")
+                raise ValueError(
+                    f"sequence of {t} tokens exceeds the context length {self.cfg.context_length}"
+                )
             positions = torch.arange(t, device=in_idx.device).expand(b, t)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
         mask = cache.attention_mask(positions) if cache is not None else None
