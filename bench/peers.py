@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def progress(line: str) -> None:
+    """Each measurement as it is taken (stderr), so a run cut short still tells what it measured."""
+    print(f"[{time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f}] {line}", file=sys.stderr, flush=True)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * PAGE
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             for name, run in warm_ups.items():
                 first_call[name] = timed(args.device, run)[1]
+                progress(f"first call of {name}: {first_call[name]:.1f} s")
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}/{args.rounds} ...", file=sys.stderr)
             if "load" not in args.skip:
@@ -284,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     _, seconds, peak = timed(args.device, functools.partial(load, directory, args.device))
                     speeds[name].append(seconds)
                     memory[name] = max(memory.get(name, 0), peak)
+                    progress(f"{name}: {seconds:.2f} s")
             if "generate" not in args.skip:
                 runs = {
                     "generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
@@ -296,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                     outputs[name], seconds, peak = timed(args.device, run)
                     speeds[name].append(args.new_tokens / seconds)
                     memory[name] = max(memory.get(name, 0), peak)
+                    progress(f"{name}: {args.new_tokens / seconds:.2f} tok/s")
                 identical.append(all(torch.equal(out, outputs["generate ref"]) for out in outputs.values()))
             if "train" not in args.skip:
                 for name, train in (
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                     speed, peak = train()
                     speeds[name].append(speed)
                     memory[name] = max(memory.get(name, 0), peak)
+                    progress(f"{name}: {speed:.1f} tok/s")
 
     device = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     import transformers
