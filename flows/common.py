@@ -13,6 +13,7 @@ from prefect import Task
 from prefect.futures import PrefectFuture
 
 from groundup import environment, tracking
+from groundup.flows.placement import submit_placed
 from groundup.logs import quiet_expected_failures
 
 
@@ -64,15 +65,26 @@ class Stages:
 
     calls: dict[str, tuple[Task, tuple, dict]] = field(default_factory=dict)
     futures: dict[str, PrefectFuture] = field(default_factory=dict)
+    # Stage name -> work pool (``pipeline.placement``), and where placed stages' outputs are fetched to.
+    placement: dict[str, str] = field(default_factory=dict)
+    output_dir: str = "artifacts"
+    placed: set[str] = field(default_factory=set)
 
     def submit(self, name: str, task: Task, *args: Any, **kwargs: Any) -> str:
         self.calls[name] = (task, args, kwargs)
-        self.futures[name] = task.with_options(task_run_name=name).submit(*args, **kwargs)
+        pool = self.placement.get("evaluate_mc" if name.startswith("evaluate_mc_") else name)
+        if pool:
+            self.placed.add(name)
+            self.futures[name] = submit_placed(name, pool, task, args, kwargs, self.output_dir)
+        else:
+            self.futures[name] = task.with_options(task_run_name=name).submit(*args, **kwargs)
         return name
 
     def result(self, name: str, output: str | None = None) -> Any:
         """The stage's result; a cached one whose ``output`` path has been deleted since is computed again."""
         value = self.futures[name].result()
+        if name in self.placed:  # the placed stage's result; its outputs are local copies, always there
+            return value["result"]
         if output and not Path(value[output]).exists():
             task, args, kwargs = self.calls[name]
             self.futures[name] = task.with_options(task_run_name=name, refresh_cache=True).submit(*args, **kwargs)
@@ -81,4 +93,10 @@ class Stages:
 
     def states(self) -> dict[str, str]:
         """``Completed``, ``Cached`` or ``Failed`` per stage (what the summary and the tests report)."""
-        return {name: future.state.name for name, future in self.futures.items()}
+        return {name: self._state(name, future) for name, future in self.futures.items()}
+
+    def _state(self, name: str, future: PrefectFuture) -> str:
+        # A placed stage's state is that of its task on the worker (``Cached`` there, say).
+        if name in self.placed and future.state.is_completed():
+            return future.result()["placement"]["state"]
+        return future.state.name

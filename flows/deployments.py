@@ -12,6 +12,7 @@ same settings as ``groundup run --profile P`` would.
 from __future__ import annotations
 
 import datetime
+import inspect
 import typing
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,26 @@ def profile_settings(model: type[Settings], profile: str | None, overrides: list
 
 
 def build(
-    declaration: dict[str, Any], profile: str | None = None, overrides: list[str] | None = None, pool: bool = False
+    declaration: dict[str, Any],
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    pool: bool = False,
+    output_dir: str | Path | None = None,
 ) -> RunnerDeployment:
     """One declared deployment; ``pool``: with its work queue and job variables, for a work pool's workers
-    (a served deployment has neither)."""
+    (a served deployment has neither). ``output_dir`` (made absolute) becomes the flow's output location, so
+    its runs write there whatever the working directory of the process that runs them."""
     flow = load_flow_from_entrypoint(declaration["entrypoint"], use_placeholder_flow=False)
     parameters = {
         name: profile_settings(model, profile, overrides or []) for name, model in settings_parameters(flow).items()
     }
+    if output_dir:
+        location = str(Path(output_dir).resolve())
+        for name, model in settings_parameters(flow).items():
+            if "output_dir" in model.model_fields:
+                parameters[name]["output_dir"] = location
+        if "output_dir" in inspect.signature(flow.fn).parameters:
+            parameters["output_dir"] = location
     parameters.update(declaration.get("parameters") or {})
     work_pool = (declaration.get("work_pool") or {}) if pool else {}
     return flow.to_deployment(
@@ -96,8 +109,9 @@ def build_all(
     profile: str | None = None,
     overrides: list[str] | None = None,
     pool: bool = False,
+    output_dir: str | Path | None = None,
 ) -> list[RunnerDeployment]:
-    return [build(d, profile, overrides, pool) for d in read_declarations(path)]
+    return [build(d, profile, overrides, pool, output_dir) for d in read_declarations(path)]
 
 
 def serve_all(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
@@ -106,7 +120,11 @@ def serve_all(deployments: list[RunnerDeployment], limit: int | None = None) -> 
 
 
 def deploy_all(deployments: list[RunnerDeployment], pool: str) -> list[str]:
-    """Register the deployments for workers of ``pool`` (created as a process pool if it does not exist)."""
+    """Register the deployments for workers of ``pool`` (created as a process pool if it does not exist),
+    with ``groundup-stage/<pool>``, which pipeline stages placed on ``pool`` run as."""
+    from groundup.flows.placement import stage_deployment
+
+    deployments = [*deployments, stage_deployment(pool)]
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)

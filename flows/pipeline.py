@@ -49,8 +49,18 @@ def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
     return config_digest([judge_id, judge, generation, test_sha256])
 
 
+# The stages ``pipeline.placement`` may name.
+STAGE_NAMES = (
+    "download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "fetch_gpt2_weights", "split_instructions",
+    "finetune", "generate_responses", "evaluate_mc", "judge_responses", "promote",
+)  # fmt: skip
+
+
 def check(config: PipelineConfig) -> None:
     """Settings that cannot work together, refused before any stage starts."""
+    unknown = sorted(set(config.placement) - set(STAGE_NAMES))
+    if unknown:
+        raise SettingsError(f"pipeline placement names unknown stages {unknown}; stages: {', '.join(STAGE_NAMES)}")
     checked_engine(config.finetune)  # the engine, its base's kind, its settings and accelerator
     size = config.finetune.base_model.size
     if size and not config.weights.enabled:
@@ -74,6 +84,7 @@ def execute(config: PipelineConfig, stages: Stages) -> dict[str, Any]:
     """The pipeline's body, with the way stages are run injected (``bench/pipeline.py`` calls them plainly)."""
     check(config)
     out = str(Path(config.output_dir).resolve())
+    stages.placement, stages.output_dir = dict(config.placement), out
     if config.data.vocab_dir:
         # The tokenizer files the data stage is given serve every stage that tokenizes (finetuning, responses).
         os.environ.setdefault(VOCAB_DIR_ENV, str(Path(config.data.vocab_dir).resolve()))

@@ -205,7 +205,7 @@ def _deployments(args: argparse.Namespace, pool: bool = False):
     _prepare(args)
     from groundup.flows.deployments import build_all
 
-    return build_all(args.file, args.profile, overrides, pool)
+    return build_all(args.file, args.profile, overrides, pool, output_dir=args.output_dir)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -217,13 +217,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    deployments = _deployments(args, pool=True)
+    deployments = [] if args.stages_only else _deployments(args, pool=True)
+    if args.stages_only:
+        _prepare(args)
     from groundup.flows.deployments import deploy_all
 
     deploy_all(deployments, args.pool)
     for deployment in deployments:
         print(f"registered {deployment.flow_name}/{deployment.name} for work pool {args.pool}")
+    print(f"registered groundup-stage/{args.pool}: pipeline stages placed on {args.pool} (pipeline.placement)")
     print(f"start a worker to run them: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from groundup import cluster
+
+    if args.action == "down":
+        stopped = cluster.down(args.dir, remove_data=args.remove_data)
+        for server in stopped:
+            print(f"stopped {server.name} (pid {server.pid})")
+        if not stopped:
+            print(f"nothing running for {Path(args.dir).resolve()}")
+        return 0
+    print("starting PostgreSQL, the S3 store, Prefect, MLflow and two workers (a few minutes) ...", flush=True)
+    state = cluster.up(args.dir, bucket=args.bucket)
+    for name, server in state["servers"].items():
+        print(f"{name:20} pid {server['pid']:<7} {server['url'] or ''}   log {server['log']}")
+    print("\nclients and workers of this cluster use:")
+    print("\n".join(f"  export {key}={value}" for key, value in cluster.client_environment(state).items()))
+    print("then, with that environment: groundup deploy --pool groundup-cpu --output-dir DIR; "
+          "groundup deploy --pool groundup-gpu --stages-only")
+    print(f"stop: groundup cluster down --dir {args.dir}")
     return 0
 
 
@@ -409,7 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, help="at most this many concurrent flow runs")
         else:
             p.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
+            p.add_argument("--stages-only", action="store_true", help="register only groundup-stage/POOL (placement)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("cluster", help="start (up) or stop (down) a local rehearsal of a multi-machine setup", parents=[debug])
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--dir", default="cluster", help="where pids, ports, logs and data live (default: %(default)s)")
+    p.add_argument("--bucket", default="groundup", help="the S3 bucket of the artifact store (default: %(default)s)")
+    p.add_argument("--remove-data", action="store_true", help="down: also delete the PostgreSQL data")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("instruct", help="instruction data", parents=[debug])
     instruct = p.add_subparsers(dest="instruct_command", required=True)

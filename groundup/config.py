@@ -315,6 +315,10 @@ class PipelineConfig(Settings):
     generation: GenerationConfig = GenerationConfig()
     judge: JudgeConfig = JudgeConfig()
     mc_eval: MCEvalConfig = MCEvalConfig()
+    placement: dict[str, str] = Field(
+        default_factory=dict,
+        description="Stages to run on a Prefect work pool instead of in-process, e.g. {finetune: groundup-gpu}.",
+    )
 
     @property
     def pretrain(self) -> PretrainConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -66,6 +67,18 @@ def write_json(destination: str | Path, data: Any, indent: int | None = 2) -> Pa
     return Path(destination)
 
 
+def publish_rename(source: Path, destination: Path) -> bool:
+    """Rename ``source`` to ``destination`` unless another process published ``destination`` first (then
+    ``source`` is left for the caller to delete). Returns whether this call published it."""
+    try:
+        os.rename(source, destination)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and destination.exists():
+            return False
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(destination: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``destination`` to fill; it replaces ``destination`` as a whole
@@ -75,13 +88,20 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         yield tmp
-        if destination.exists():
-            # Directories cannot be renamed over non-empty ones: move the old one aside first.
+        # Directories cannot be renamed over non-empty ones: move the old one aside first. Another process
+        # may be doing the same with the same destination; each round moves aside whatever is there.
+        for _ in range(100):
+            try:
+                os.rename(tmp, destination)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
             old = tmp.with_suffix(".old")
-            os.replace(destination, old)
-            os.replace(tmp, destination)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(destination, old)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, destination)
+            raise OSError(errno.EBUSY, f"{destination} kept being replaced by other processes")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -181,7 +181,14 @@ class TrackedRun:
         from mlflow.entities import DatasetInput, InputTag
 
         tags = [InputTag("mlflow.data.context", context), InputTag(TAG + "sha256", digest)]
-        self._client.log_inputs(self.run_id, datasets=[DatasetInput(inputs[0], tags)])
+        try:
+            self._client.log_inputs(self.run_id, datasets=[DatasetInput(inputs[0], tags)])
+        except MlflowException as exc:
+            # MLflow creates a dataset with a check-then-insert: another run logging the same dataset at
+            # the same moment (two pipelines on one store) wins the insert; the dataset is there now.
+            if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc):
+                raise
+            self._client.log_inputs(self.run_id, datasets=[DatasetInput(inputs[0], tags)])
         self.set_tags({f"{TAG}dataset.{name}": digest})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

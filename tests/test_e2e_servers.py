@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from groundup import serving
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
+from tests.s3_fixtures import stop_process_group
 from tests.test_pipeline import ALWAYS, CACHED
 
 pytestmark = pytest.mark.slow
@@ -121,12 +121,7 @@ def test_pipeline_deployment_on_real_servers(
             print((tmp_path / "serve.log").read_text(errors="replace")[-6000:])
             raise
         finally:
-            os.killpg(serve.pid, signal.SIGTERM)
-            try:
-                serve.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
-                serve.wait()
+            stop_process_group(serve)
 
 
 def check_deployments_and_runs(api: PrefectAPI, serve, out: Path, sources: Path, judge_url: str, env) -> None:

@@ -24,8 +24,10 @@ details (which batch of which epoch, which random state), and read best side by 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -430,7 +432,23 @@ class _Trainer:
         self.progress = read_progress(directory)
 
 
-def fit(
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, settings: TrainConfig,
+        run_dir: str | Path, **options: Any) -> TrainResult:  # fmt: skip
+    """:func:`train_in` holding ``run_dir`` against other processes: a second run of the same directory (two
+    pipelines sharing an output location) waits, then finds the finished model. Under a multi-device launch
+    rank 0 holds it; the other ranks wait for rank 0 in Fabric's rendezvous."""
+    runtime = resolve_runtime(settings.runtime)
+    if runtime.world_size > 1 and not is_launched():
+        raise TrainingError(
+            f"{runtime.world_size} devices: Fabric re-executes the current command for each one, so "
+            "multi-device training must run through groundup.train.launch.run_launched"
+        )
+    holds = not is_launched() or os.environ.get("LOCAL_RANK", "0") == "0"
+    with RunDirectory(run_dir).exclusive() if holds else contextlib.nullcontext():
+        return train_in(model, train_loader, val_loader, settings, run_dir, **options)
+
+
+def train_in(
     model: nn.Module,
     train_loader: DataLoader,
     val_loader: DataLoader | None,
@@ -453,11 +471,6 @@ def fit(
     """
     hooks, saver = hooks or TrainHooks(), saver or GPTSaver()
     runtime = resolve_runtime(settings.runtime)
-    if runtime.world_size > 1 and not is_launched():
-        raise TrainingError(
-            f"{runtime.world_size} devices: Fabric re-executes the current command for each one, so "
-            "multi-device training must run through groundup.train.launch.run_launched"
-        )
     run = RunDirectory(run_dir)
     run.claim({"settings": settings.model_dump(mode="json"), **(identity or {})})
     if run.is_finished():

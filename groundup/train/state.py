@@ -12,21 +12,27 @@ A step checkpoint is written into a temporary directory and renamed into place, 
 switched to it, then older ones are deleted: a process killed at any point leaves the previous checkpoint
 intact and pointed to. ``final/`` appears the same way (one rename), so its presence means "finished".
 ``trainer_state.pt`` holds only tensors and plain containers and is read with ``weights_only=True``.
+
+Two runs of the same content-addressed directory (a scheduled run overlapping a manual one) take turns:
+:meth:`RunDirectory.exclusive` holds a lock file for the whole training, so the second one waits and then
+finds ``final/`` there. A ``final/`` published by a process that held no lock is reused, never a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from groundup.files import write_json
+from groundup.files import publish_rename, write_json
 from groundup.model.io import CheckpointError
 
 RUN_FILE = "run.json"
@@ -35,6 +41,7 @@ PROGRESS_FILE = "progress.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STEPS_DIR = "steps"
 FINAL_DIR = "final"
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -97,6 +104,17 @@ class RunDirectory:
     def final(self) -> Path:
         return self.root / FINAL_DIR
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this run directory against other processes (blocking until they release it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_FILE, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def claim(self, identity: Mapping[str, Any]) -> None:
         """Record what this run trains, or check that an existing run trains the same thing."""
         path = self.root / RUN_FILE
@@ -141,8 +159,9 @@ class RunDirectory:
             write(tmp)
             target = steps / name
             if target.exists():  # left by a run killed after the rename but before latest.json moved on
-                shutil.rmtree(target)
-            tmp.rename(target)
+                shutil.rmtree(target, ignore_errors=True)
+            if not publish_rename(tmp, target):  # written meanwhile by an unlocked run of the same content
+                shutil.rmtree(tmp, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         write_json(self.root / LATEST_FILE, {"checkpoint": f"{STEPS_DIR}/{name}", "step": step})
@@ -153,11 +172,12 @@ class RunDirectory:
 
     def save_final(self, write: Callable[[Path], None]) -> Path:
         """Write the finished model with ``write(tmp_dir)`` and rename it to ``final/``; step checkpoints
-        (optimizer state, several times the model's size) are then deleted."""
+        (optimizer state, several times the model's size) are then deleted. A ``final/`` another run of the
+        same directory published first is kept: both trained the same thing."""
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.root))
         try:
             write(tmp)
-            tmp.rename(self.final)
+            publish_rename(tmp, self.final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.root / STEPS_DIR, ignore_errors=True)

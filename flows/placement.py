@@ -1,0 +1,162 @@
+"""Stages placed on work pools: ``pipeline.placement: {finetune: groundup-gpu}``.
+
+A placed stage runs as a flow run of the deployment ``groundup-stage/<pool>`` (one per work pool, registered
+by ``groundup deploy --pool POOL``), started with ``run_deployment`` from a task of the pipeline run, so the
+Prefect UI shows it as that task's child. The stage's task and its arguments travel as parameters: settings
+as JSON (accelerator, devices and precision with them), and every file or directory argument as a URL in the
+artifact store, since the worker shares no filesystem with the pipeline. On the worker, ``run_stage``
+downloads those into its own cache, calls the task (cached on content like any other), publishes the
+files and directories the task returned to the store and returns their URLs; the pipeline side fetches
+them into its cache and hands local paths on to the next stage. Unplaced stages run in-process as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.deployments.runner import EntrypointType
+
+from groundup import environment, store
+from groundup.config import Settings
+from groundup.errors import GroundupError, ModelError
+
+STAGE_FLOW = "groundup-stage"
+# Where a worker keeps placed stages' outputs: the worker's own setting (a flow run's working directory is a
+# temporary one chosen by Prefect), else ./groundup-work. The shared location is the artifact store.
+WORK_DIR_ENV = "GROUNDUP_WORK_DIR"
+WORKER_OUTPUT_DIR = "groundup-work"
+# Parameters that say where things go on the machine that runs the stage: each side fills in its own.
+LOCAL_PARAMETERS = {"output_dir"}
+
+
+def task_path(stage_task: Task) -> str:
+    return f"{stage_task.fn.__module__}:{stage_task.fn.__name__}"
+
+
+def load_task(path: str) -> Task:
+    module, _, name = path.partition(":")
+    found = getattr(importlib.import_module(module), name, None)
+    if not isinstance(found, Task) or not module.startswith("groundup."):
+        raise ModelError(f"{path!r} is not a groundup task", fix="place only pipeline stages")
+    return found
+
+
+def artifact_store(output_dir: str | Path) -> store.ArtifactStore:
+    """The configured store; without one, a folder under ``output_dir`` (placement on one machine)."""
+    configured = store.from_environment(output_dir)
+    return configured or store.ArtifactStore(Path(output_dir) / "store", Path(output_dir) / "store-cache")
+
+
+def transform(value: Any, leaf) -> Any:
+    """``value`` with ``leaf`` applied to every string or path inside dicts, lists and stage results
+    (dataclasses), keeping their types."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: transform(getattr(value, f.name), leaf) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    if isinstance(value, dict):
+        return {k: transform(v, leaf) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [transform(v, leaf) for v in value]
+    return leaf(value)
+
+
+def to_urls(value: Any, artifacts: store.ArtifactStore) -> Any:
+    """Settings as JSON, existing local files and directories as store URLs."""
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, Settings):
+            return item.model_dump(mode="json")
+        if isinstance(item, str | Path) and os.path.isabs(item) and Path(item).exists():
+            return artifacts.put(item)
+        return item
+
+    return transform(value, leaf)
+
+
+def to_paths(value: Any, artifacts: store.ArtifactStore) -> Any:
+    """Store URLs as local copies in this machine's cache."""
+    return transform(value, lambda item: str(artifacts.get(item, wait=60)) if artifacts.owns(item) else item)
+
+
+def missing_outputs(result: Any) -> list[str]:
+    """Absolute paths in a task's result that do not exist here: a cached result from another machine."""
+    missing: list[str] = []
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, str) and os.path.isabs(item) and "\n" not in item and not Path(item).exists():
+            missing.append(item)
+        return item
+
+    transform(result, leaf)
+    return missing
+
+
+def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Arguments received as JSON, with settings parameters validated back into their models."""
+    hints = typing.get_type_hints(stage_task.fn)
+    bound = {}
+    for name, value in arguments.items():
+        hint = hints.get(name)
+        is_settings = isinstance(hint, type) and issubclass(hint, Settings)
+        bound[name] = hint.model_validate(value) if is_settings and isinstance(value, dict) else value
+    return bound
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir: str | None = None) -> dict:
+    """One pipeline stage on this worker: its inputs fetched from the store, its outputs published there."""
+    out = str(environment.prepare(output_dir or os.environ.get(WORK_DIR_ENV) or WORKER_OUTPUT_DIR))
+    artifacts = artifact_store(out)
+    stage_task = load_task(task_path)
+    inputs = bind(stage_task, to_paths(arguments, artifacts))
+    inputs.update({name: out for name in LOCAL_PARAMETERS if name in inspect.signature(stage_task.fn).parameters})
+    state = stage_task.with_options(task_run_name=stage)(**inputs, return_state=True)
+    result = state.result()
+    if missing_outputs(result):  # cached on another machine, whose files are not here: compute them
+        get_run_logger().info("%s: cached outputs are not on this worker; computing them", stage)
+        state = stage_task.with_options(task_run_name=stage, refresh_cache=True)(**inputs, return_state=True)
+        result = state.result()
+    return {"result": to_urls(result, artifacts), "state": state.name}
+
+
+@task(cache_policy=NO_CACHE)
+def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """Run a stage as a flow run of ``groundup-stage/<pool>`` (a child of this task run) and wait for it;
+    returns the stage's result (local paths) and where it ran (with the store URLs it exchanged)."""
+    artifacts = artifact_store(output_dir)
+    parameters = {"stage": stage, "task_path": task_path, "arguments": to_urls(arguments, artifacts)}
+    flow_run = run_deployment(
+        f"{STAGE_FLOW}/{pool}", parameters=parameters, timeout=None, as_subflow=True,
+        flow_run_name=f"{stage} on {pool}",
+    )  # fmt: skip
+    if not flow_run.state.is_completed():
+        raise GroundupError(f"stage {stage} on work pool {pool}: {flow_run.state.name}: {flow_run.state.message}")
+    reply = flow_run.state.result()
+    placement = {"pool": pool, "flow_run_id": str(flow_run.id), "state": reply["state"], "artifacts": reply["result"]}
+    return {"result": to_paths(reply["result"], artifacts), "placement": placement}
+
+
+def submit_placed(stage: str, pool: str, stage_task: Task, args: tuple, kwargs: dict, output_dir: str):
+    """Submit ``stage_task(*args, **kwargs)`` to run on ``pool``; returns the dispatching task's future."""
+    arguments = dict(inspect.signature(stage_task.fn).bind(*args, **kwargs).arguments)
+    for name in LOCAL_PARAMETERS:
+        arguments.pop(name, None)
+    return dispatch.with_options(task_run_name=stage).submit(stage, pool, task_path(stage_task), arguments, output_dir)
+
+
+def stage_deployment(pool: str, output_dir: str | None = None):
+    """The deployment placed stages of ``pool`` run as (named after the pool)."""
+    parameters = {"output_dir": output_dir} if output_dir else {}
+    return run_stage.to_deployment(
+        name=pool, parameters=parameters, description=f"Pipeline stages placed on the work pool {pool}.",
+        tags=["groundup", "placement"], entrypoint_type=EntrypointType.MODULE_PATH,
+    )  # fmt: skip
