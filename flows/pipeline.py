@@ -31,6 +31,8 @@ from groundup.config import PRETRAINED_BASE, ConfigError, PipelineConfig, config
 from groundup.flows.common import parent_run
 from groundup.flows.finetune import engine_task
 from groundup.instruct.lora_finetune import gpt2_size
+from groundup.instruct.judge_scores import control_verdict
+from groundup.instruct.promotion import judge_refusal, score_basis
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
 from groundup.tasks.evaluate import evaluate_mc, generate_responses, judge_responses
 from groundup.tasks.finetune import split_instructions
@@ -69,13 +71,6 @@ class Stages:
     def states(self) -> dict[str, str]:
         """``Completed``, ``Cached`` or ``Failed`` per stage (what the summary and the tests report)."""
         return {name: future.state.name for name, future in self.futures.items()}
-
-
-def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
-    """What makes two judge scores comparable: the same judge, generation settings and test set."""
-    judge = config.judge.model_dump(mode="json", include={"model", "max_new_tokens", "temperature", "chat_template", "seed"})
-    generation = config.generation.model_dump(mode="json", exclude={"batch_size", "accelerator"})
-    return config_digest([judge_id, judge, generation, test_sha256])
 
 
 def check(config: PipelineConfig) -> None:
@@ -167,14 +162,15 @@ def evaluate_and_promote(
         for label, path, version in (("base_model", base_model, base.get("base_model_ref")), ("finetuned_model", model, ref)):
             stages.submit(f"evaluate_mc_{label}", evaluate_mc, path, config.mc_eval, version, label, **common)
     results = {"responses": stages.result("generate_responses", "responses")}
-    score, basis = None, ""
+    score, basis, refusal = None, "", None
     if config.judge.enabled:
         responses = results["responses"]["responses"]
         stages.submit("judge_responses", judge_responses, responses, config.judge, ref, **common)
         results["judge"] = stages.result("judge_responses", "scores")
         score = results["judge"]["metrics"].get(SCORE_METRIC)
-        basis = score_basis(config, results["judge"]["judge"], split["test_sha256"])
-    stages.submit("promote", promote, ref, score, basis, **common)
+        basis = score_basis(config.judge, config.generation, results["judge"]["judge"], split["test_sha256"])
+        refusal = judge_refusal(results["judge"]["summary"])
+    stages.submit("promote", promote, ref, score, basis, refusal, **common)
     results["promotion"] = stages.result("promote")
     results.update({name: stages.result(name) for name in stages.futures if name.startswith("evaluate_mc_")})
     return results
@@ -237,6 +233,7 @@ def summary(result: dict[str, Any], output_dir: str | Path = "artifacts") -> str
             f"judge        {judge['judge']}: base {m.get('judge.base_model.mean', float('nan')):.1f}, "
             f"finetuned {m.get(SCORE_METRIC, float('nan')):.1f} (mean of 0-100)"
         )
+        lines.append(f"             {control_verdict(judge['summary'])}")
     else:
         lines.append("judge        skipped (judge.enabled is false): see the README's judge choices")
     promotion = result["promotion"]

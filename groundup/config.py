@@ -233,7 +233,11 @@ class GenerationConfig(Settings):
     seed: int = 123
     batch_size: int = Field(8, ge=1, description="Prompts of equal token length generated together.")
     limit: int | None = Field(None, ge=1, description="Answer only the first N test entries.")
-    prompt_style: Literal["alpaca", "phi-3"] = Field("alpaca", description="As in finetune.prompt_style.")
+    prompt_style: Literal["auto", "alpaca", "phi-3"] = Field(
+        "auto",
+        description="auto: each model's own format: a LitGPT checkpoint's prompt style (the one it was finetuned "
+        "with, else its chat template), Alpaca for our GPT-2; or one style for both models.",
+    )
     accelerator: Accelerator = "auto"
 
 
@@ -248,6 +252,20 @@ class JudgeConfig(Settings):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy: the same reply every time.")
     chat_template: str | None = Field(
         None, description="litgpt: a LitGPT prompt style (e.g. 'llama3'); empty means the model's own."
+    )
+    constrained: bool = Field(
+        True, description="litgpt: decoding restricted to the numbers 0-100, so every reply is a score."
+    )
+    force_format: Literal["json_schema", "guided_regex", "none"] = Field(
+        "json_schema",
+        description="openai-compatible: ask the server for a score only (JSON-schema response_format; vLLM's "
+        "guided_regex); a server that refuses gets plain requests, and replies are parsed either way.",
+    )
+    controls: int = Field(
+        50, ge=0, description="Score the reference and another entry's reference for the first N test entries."
+    )
+    min_control_auc: float = Field(
+        0.8, ge=0.0, le=1.0, description="Below this control AUC the judge is not trusted: no promotion."
     )
     timeout_s: float = Field(120.0, gt=0, description="openai-compatible: seconds per request.")
     retries: int = Field(3, ge=0, description="openai-compatible: retries on connection errors, 429 and 5xx.")

@@ -9,7 +9,7 @@ import pytest
 
 from groundup import tracking
 from groundup.config import ConfigError, PipelineConfig, load_config, local_sources
-from groundup.flows.pipeline import check, score_basis, summary
+from groundup.flows.pipeline import check, summary
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 
 # Stages whose results are cached on content, and those that run every time by design: the download
@@ -72,16 +72,6 @@ def test_sources_dir_names_what_is_missing(tmp_path):
 def test_inconsistent_settings_are_refused_before_any_stage(overrides, message):
     with pytest.raises(ValueError, match=message):
         check(load_config(PipelineConfig, "quickstart", overrides))
-
-
-def test_scores_are_comparable_only_on_the_same_basis():
-    config = load_config(PipelineConfig, "quickstart")
-    same = score_basis(config, "judge-x", "abc")
-    assert score_basis(config.model_copy(update={"judge": config.judge.model_copy(update={"retries": 9})}), "judge-x", "abc") == same
-    assert score_basis(config, "judge-y", "abc") != same
-    assert score_basis(config, "judge-x", "abd") != same
-    changed = config.model_copy(update={"generation": config.generation.model_copy(update={"max_new_tokens": 7})})
-    assert score_basis(changed, "judge-x", "abc") != same
 
 
 # ---------------------------------------------------------------------------------------------------------
