@@ -376,15 +376,18 @@ LOCAL_TEXT = "the-verdict.txt"
 LOCAL_INSTRUCTIONS = "instruction-data.json"
 LOCAL_GPT2 = "gpt2"  # an OpenAI (hparams.json) or Hugging Face (config.json) GPT-2 checkpoint
 LOCAL_JUDGE = "judge"  # a LitGPT checkpoint
+LOCAL_BASE = "base"  # a LitGPT checkpoint: the base model of the LitGPT finetuning engine
 
 
 def local_sources(directory: str | Path) -> list[str]:
     """Overrides that point every source of the pipeline at files in ``directory`` (the offline option).
 
     Required: the pretraining text and the instruction data. Used when present: GPT-2 BPE files (in
-    ``vocab/gpt2`` inside ``directory`` or beside it, which is the layout of ``../shared``),
-    a GPT-2 checkpoint in ``gpt2/`` and a LitGPT judge checkpoint in ``judge/``. Without a GPT-2 checkpoint
-    the finetuning base is the model pretrained in the same run; without a judge, judging is skipped.
+    ``vocab/gpt2`` inside ``directory`` or beside it, which is the layout of ``../shared``), a LitGPT
+    checkpoint in ``base/`` (finetuned with the LitGPT engine: a real model, real answers), else a GPT-2
+    checkpoint in ``gpt2/``, and a LitGPT judge checkpoint in ``judge/``. With neither ``base/`` nor
+    ``gpt2/`` the finetuning base is the model pretrained in the same run; without a judge, judging is
+    skipped.
     """
     root = Path(directory).resolve()
     missing = [name for name in (LOCAL_TEXT, LOCAL_INSTRUCTIONS) if not (root / name).is_file()]
@@ -394,8 +397,10 @@ def local_sources(directory: str | Path) -> list[str]:
     vocab = local_vocab_dir(root)
     if vocab:
         overrides.append(f"data.vocab_dir={vocab}")
-    gpt2 = root / LOCAL_GPT2
-    if (gpt2 / "hparams.json").is_file() or (gpt2 / "config.json").is_file():
+    gpt2, base = root / LOCAL_GPT2, root / LOCAL_BASE
+    if (base / "lit_model.pth").is_file():
+        overrides += ["finetune.engine=litgpt", f"finetune.base={base}", "weights.enabled=false"]
+    elif (gpt2 / "hparams.json").is_file() or (gpt2 / "config.json").is_file():
         overrides.append(f"weights.from_dir={gpt2}")
     else:
         overrides += ["weights.enabled=false", f"finetune.base={PRETRAINED_BASE}"]

@@ -47,6 +47,15 @@ def test_sources_dir_points_every_source_at_local_files(tmp_path):
     assert config.judge.enabled and config.judge.model == str((root / "judge").resolve())
 
 
+def test_sources_dir_with_a_litgpt_base_finetunes_it_with_the_litgpt_engine(tmp_path):
+    _touch(tmp_path / "the-verdict.txt"), _touch(tmp_path / "instruction-data.json")
+    _touch(tmp_path / "base" / "lit_model.pth"), _touch(tmp_path / "gpt2" / "config.json")
+    config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
+    assert config.finetune.engine == "litgpt" and config.finetune.base == str((tmp_path / "base").resolve())
+    assert not config.weights.enabled  # the base is the real model; GPT-2 is not needed
+    check(config)
+
+
 def test_sources_dir_without_gpt2_or_judge_finetunes_the_pretrained_model_and_skips_the_judge(tmp_path):
     _touch(tmp_path / "the-verdict.txt"), _touch(tmp_path / "instruction-data.json")
     config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
