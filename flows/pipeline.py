@@ -27,7 +27,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from groundup import tracking
-from groundup.config import PRETRAINED_BASE, ConfigError, PipelineConfig, config_digest
+from groundup.config import PRETRAINED_BASE, ConfigError, PipelineConfig
 from groundup.flows.common import parent_run
 from groundup.flows.finetune import engine_task
 from groundup.instruct.lora_finetune import gpt2_size

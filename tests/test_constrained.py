@@ -30,7 +30,11 @@ def full_forward_choice(model: LitGPTModel, prompt: str, stop_ids: list[int]) ->
     while True:
         logits = model.logits(torch.tensor([base + list(prefix)]))[0, -1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        options = {s[len(prefix)]: float(log_probs[s[len(prefix)]]) for s in spellings if len(s) > len(prefix) and s[: len(prefix)] == prefix}
+        options = {
+            s[len(prefix)]: float(log_probs[s[len(prefix)]])
+            for s in spellings
+            if len(s) > len(prefix) and s[: len(prefix)] == prefix
+        }
         if prefix in spellings:
             options[None] = float(torch.logsumexp(log_probs[stop_ids], dim=0))
         best = max(options, key=options.__getitem__)
@@ -39,7 +43,9 @@ def full_forward_choice(model: LitGPTModel, prompt: str, stop_ids: list[int]) ->
         prefix += (best,)
 
 
-@pytest.mark.parametrize("prompt", ["Score the answer from 0 to 100: ", "I had always thought Jack Gisburn", "x"])
+@pytest.mark.parametrize(
+    "prompt", ["Score the answer from 0 to 100: ", "I had always thought Jack Gisburn", "x"]
+)
 def test_the_cached_decoding_picks_what_full_forward_passes_pick(tiny, prompt):
     stop_ids = [tiny.eos_id]
     choice = choose_number(tiny, prompt, stop_ids)

@@ -28,7 +28,12 @@ def test_scores_are_comparable_only_on_the_same_basis():
         (None, None, False, "not judged"),
         (70.0, Champion("m/1", 60.0, "b"), True, "70 beats the champion's 60"),
         (50.0, Champion("m/1", 60.0, "b"), False, "50 does not beat the champion's 60"),
-        (70.0, Champion("m/1", 60.0, "other"), False, "champion m/1 was scored on another basis; compare by hand"),
+        (
+            70.0,
+            Champion("m/1", 60.0, "other"),
+            False,
+            "champion m/1 was scored on another basis; compare by hand",
+        ),
         (70.0, Champion("m/1", None, None), False, "champion m/1 has no recorded score"),
         (10.0, Champion("m/2", 90.0, "b"), True, "already the champion"),
     ],
@@ -42,7 +47,12 @@ def test_a_judge_that_cannot_tell_right_from_wrong_promotes_nothing():
     base, finetuned = [10, 20, 30, 40], [60, 70, 80, 90]
     # references mostly scored below mismatched answers: AUC 3/16 (ties count half) < 0.8
     blind = summarize(
-        {"base_model": base, "finetuned_model": finetuned, "reference_answer": [50, 40, 60, 50], "mismatched_answer": [60, 50, 70, 60]},
+        {
+            "base_model": base,
+            "finetuned_model": finetuned,
+            "reference_answer": [50, 40, 60, 50],
+            "mismatched_answer": [60, 50, 70, 60],
+        },
         samples=200,
     )
     refusal = judge_refusal(blind)
@@ -51,7 +61,12 @@ def test_a_judge_that_cannot_tell_right_from_wrong_promotes_nothing():
     assert not decision.promoted and decision.reason == refusal
 
     sighted = summarize(
-        {"base_model": base, "finetuned_model": finetuned, "reference_answer": [90, 80, 95, 85], "mismatched_answer": [10, 20, 5, 15]},
+        {
+            "base_model": base,
+            "finetuned_model": finetuned,
+            "reference_answer": [90, 80, 95, 85],
+            "mismatched_answer": [10, 20, 5, 15],
+        },
         samples=200,
     )
     assert sighted["control"]["auc"] == 1.0 and sighted["control"]["trusted"]

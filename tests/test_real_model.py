@@ -22,7 +22,9 @@ from tests.eval_fixtures import save_tiny_gpt
 
 pytestmark = pytest.mark.slow
 
-SMOLLM2_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SMOLLM2_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+)
 
 
 def short_test_entries(path: Path, count: int) -> list[dict]:

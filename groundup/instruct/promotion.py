@@ -16,7 +16,15 @@ from typing import Any
 from groundup.config import GenerationConfig, JudgeConfig, config_digest
 
 # The judge settings that change what a score means (not where or how fast it is computed).
-JUDGE_BASIS_KEYS = {"model", "max_new_tokens", "temperature", "chat_template", "seed", "constrained", "force_format"}
+JUDGE_BASIS_KEYS = {
+    "model",
+    "max_new_tokens",
+    "temperature",
+    "chat_template",
+    "seed",
+    "constrained",
+    "force_format",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,9 @@ def judge_refusal(summary: Mapping[str, Mapping[str, Any]] | None) -> str | None
     if not control or control.get("trusted"):
         return None
     auc = control.get("auc")
-    shown = "no usable control scores" if auc is None else f"control AUC {auc:.2f} < {control['threshold']:.2f}"
+    shown = (
+        "no usable control scores" if auc is None else f"control AUC {auc:.2f} < {control['threshold']:.2f}"
+    )
     return f"the judge cannot tell right from wrong ({shown}); its scores promote nothing"
 
 
@@ -70,7 +80,9 @@ def decide(
     if held is None:
         return Decision(False, f"champion {before} has no recorded score", before)
     if champion.basis != basis:
-        return Decision(False, f"champion {before} was scored on another basis; compare by hand", before, held)
+        return Decision(
+            False, f"champion {before} was scored on another basis; compare by hand", before, held
+        )
     if score > held:
         return Decision(True, f"{score:.4g} beats the champion's {held:.4g}", before, held)
     return Decision(False, f"{score:.4g} does not beat the champion's {held:.4g}", before, held)
