@@ -43,32 +43,22 @@ def test_decide(score, champion, promoted, reason):
     assert (decision.promoted, decision.reason) == (promoted, reason)
 
 
+def judged(reference: list[int] | None = None, mismatched: list[int] | None = None) -> dict:
+    """A judge's summary of four entries, with controls when ``reference`` and ``mismatched`` are given."""
+    scores = {"base_model": [10, 20, 30, 40], "finetuned_model": [60, 70, 80, 90]}
+    if reference is not None:
+        scores.update(reference_answer=reference, mismatched_answer=mismatched)
+    return summarize(scores, samples=200)
+
+
 def test_a_judge_that_cannot_tell_right_from_wrong_promotes_nothing():
-    base, finetuned = [10, 20, 30, 40], [60, 70, 80, 90]
     # references mostly scored below mismatched answers: AUC 3/16 (ties count half) < 0.8
-    blind = summarize(
-        {
-            "base_model": base,
-            "finetuned_model": finetuned,
-            "reference_answer": [50, 40, 60, 50],
-            "mismatched_answer": [60, 50, 70, 60],
-        },
-        samples=200,
-    )
-    refusal = judge_refusal(blind)
+    refusal = judge_refusal(judged([50, 40, 60, 50], [60, 50, 70, 60]))
     assert refusal and "cannot tell right from wrong" in refusal and "0.19 < 0.80" in refusal
     decision = decide("m/2", 75.0, "b", None, refusal=refusal)
     assert not decision.promoted and decision.reason == refusal
 
-    sighted = summarize(
-        {
-            "base_model": base,
-            "finetuned_model": finetuned,
-            "reference_answer": [90, 80, 95, 85],
-            "mismatched_answer": [10, 20, 5, 15],
-        },
-        samples=200,
-    )
+    sighted = judged([90, 80, 95, 85], [10, 20, 5, 15])
     assert sighted["control"]["auc"] == 1.0 and sighted["control"]["trusted"]
     assert judge_refusal(sighted) is None
-    assert judge_refusal(summarize({"base_model": base, "finetuned_model": finetuned}, samples=200)) is None
+    assert judge_refusal(judged()) is None  # no controls judged: nothing to refuse on
