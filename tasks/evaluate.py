@@ -109,8 +109,12 @@ def generate_responses(
 def _responses_markdown(records: list[dict[str, Any]], result: Any, shown: int = 3) -> str:
     lines = [
         f"### Test-set responses ({result.entries} entries{', from an earlier run' if result.cached else ''})\n",
-        f"- base model: `{result.models['base_model']['id']}`",
-        f"- finetuned model: `{result.models['finetuned_model']['id']}`",
+        *(
+            f"- {key.replace('_', ' ')}: `{result.models[key]['id']}`, prompts in "
+            f"`{records[0].get(key + '_prompt_style', '?').rsplit('.', 1)[-1]}` style"
+            for key in ("base_model", "finetuned_model")
+            if records
+        ),
         f"- file: `{result.path}`\n",
         "| instruction | expected | base model | finetuned model |",
         "|---|---|---|---|",
