@@ -14,8 +14,10 @@ import os
 import time
 from typing import Any, Protocol
 
+from groundup.errors import SourceUnreachable
 
-class JudgeError(RuntimeError):
+
+class JudgeError(SourceUnreachable):
     """The judge could not be reached or loaded, or answered with something that is not a reply."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
