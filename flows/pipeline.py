@@ -25,10 +25,12 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from groundup import tracking
-from groundup.config import PipelineConfig, config_digest
+from groundup.config import PipelineConfig
 from groundup.errors import SettingsError
 from groundup.flows.common import StageContext, Stages, parent_run
 from groundup.instruct.engines import checked_engine
+from groundup.instruct.judge_scores import control_verdict
+from groundup.instruct.promotion import judge_refusal, score_basis
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
 from groundup.tasks.evaluate import evaluate_mc, generate_responses, judge_responses
 from groundup.tasks.finetune import finetune, split_instructions
@@ -40,13 +42,6 @@ from groundup.text.tokenizers import VOCAB_DIR_ENV
 FLOW_NAME = "groundup-pipeline"
 # The judge's mean score of the finetuned model: what promotion compares.
 SCORE_METRIC = "judge.finetuned_model.mean"
-
-
-def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
-    """What makes two judge scores comparable: the same judge, generation settings and test set."""
-    judge = config.judge.model_dump(mode="json", include={"model", "max_new_tokens", "temperature", "chat_template", "seed"})
-    generation = config.generation.model_dump(mode="json", exclude={"batch_size", "accelerator"})
-    return config_digest([judge_id, judge, generation, test_sha256])
 
 
 # The stages ``pipeline.placement`` may name.
@@ -150,14 +145,15 @@ def evaluate_and_promote(
         for label, path, version in (("base_model", base_model, base.get("base_model_ref")), ("finetuned_model", model, ref)):
             stages.submit(f"evaluate_mc_{label}", evaluate_mc, path, config.mc_eval, version, label, **context.kwargs)
     results = {"responses": stages.result("generate_responses", "responses")}
-    score, basis = None, ""
+    score, basis, refusal = None, "", None
     if config.judge.enabled:
         responses = results["responses"]["responses"]
         stages.submit("judge_responses", judge_responses, responses, config.judge, ref, **context.kwargs)
         results["judge"] = stages.result("judge_responses", "scores")
         score = results["judge"]["metrics"].get(SCORE_METRIC)
-        basis = score_basis(config, results["judge"]["judge"], split["test_sha256"])
-    stages.submit("promote", promote, ref, score, basis, **context.kwargs)
+        basis = score_basis(config.judge, config.generation, results["judge"]["judge"], split["test_sha256"])
+        refusal = judge_refusal(results["judge"]["summary"])
+    stages.submit("promote", promote, ref, score, basis, refusal, **context.kwargs)
     results["promotion"] = stages.result("promote")
     results.update({name: stages.result(name) for name in stages.futures if name.startswith("evaluate_mc_")})
     return results
@@ -214,6 +210,7 @@ def summary(result: dict[str, Any], output_dir: str | Path = "artifacts") -> str
             f"judge        {judge['judge']}: base {m.get('judge.base_model.mean', float('nan')):.1f}, "
             f"finetuned {m.get(SCORE_METRIC, float('nan')):.1f} (mean of 0-100)"
         )
+        lines.append(f"             {control_verdict(judge['summary'])}")
     else:
         lines.append("judge        skipped (judge.enabled is false): see the README's judge choices")
     promotion = result["promotion"]

@@ -256,7 +256,11 @@ class GenerationConfig(Settings):
     seed: int = 123
     batch_size: int = Field(8, ge=1, description="Prompts of equal token length generated together.")
     limit: int | None = Field(None, ge=1, description="Answer only the first N test entries.")
-    prompt_style: Literal["alpaca", "phi-3"] = Field("alpaca", description="As in finetune.prompt_style.")
+    prompt_style: Literal["auto", "alpaca", "phi-3"] = Field(
+        "auto",
+        description="auto: each model's own format: a LitGPT checkpoint's prompt style (the one it was finetuned "
+        "with, else its chat template), Alpaca for our GPT-2; or one style for both models.",
+    )
     accelerator: Accelerator = "auto"
 
 
@@ -271,6 +275,20 @@ class JudgeConfig(Settings):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy: the same reply every time.")
     chat_template: str | None = Field(
         None, description="litgpt: a LitGPT prompt style (e.g. 'llama3'); empty means the model's own."
+    )
+    constrained: bool = Field(
+        True, description="litgpt: decoding restricted to the numbers 0-100, so every reply is a score."
+    )
+    force_format: Literal["json_schema", "guided_regex", "none"] = Field(
+        "json_schema",
+        description="openai-compatible: ask the server for a score only (JSON-schema response_format; vLLM's "
+        "guided_regex); a server that refuses gets plain requests, and replies are parsed either way.",
+    )
+    controls: int = Field(
+        50, ge=0, description="Score the reference and another entry's reference for the first N test entries."
+    )
+    min_control_auc: float = Field(
+        0.8, ge=0.0, le=1.0, description="Below this control AUC the judge is not trusted: no promotion."
     )
     timeout_s: float = Field(120.0, gt=0, description="openai-compatible: seconds per request.")
     retries: int = Field(3, ge=0, description="openai-compatible: retries on connection errors, 429 and 5xx.")
@@ -385,15 +403,18 @@ LOCAL_TEXT = "the-verdict.txt"
 LOCAL_INSTRUCTIONS = "instruction-data.json"
 LOCAL_GPT2 = "gpt2"  # an OpenAI (hparams.json) or Hugging Face (config.json) GPT-2 checkpoint
 LOCAL_JUDGE = "judge"  # a LitGPT checkpoint
+LOCAL_BASE = "base"  # a LitGPT checkpoint: the base model of the LitGPT finetuning engine
 
 
 def local_sources(directory: str | Path) -> list[str]:
     """Overrides that point every source of the pipeline at files in ``directory`` (the offline option).
 
     Required: the pretraining text and the instruction data. Used when present: GPT-2 BPE files (in
-    ``vocab/gpt2`` inside ``directory`` or beside it, which is the layout of ``../shared``),
-    a GPT-2 checkpoint in ``gpt2/`` and a LitGPT judge checkpoint in ``judge/``. Without a GPT-2 checkpoint
-    the finetuning base is the model pretrained in the same run; without a judge, judging is skipped.
+    ``vocab/gpt2`` inside ``directory`` or beside it, which is the layout of ``../shared``), a LitGPT
+    checkpoint in ``base/`` (finetuned with the LitGPT engine: a real model, real answers), else a GPT-2
+    checkpoint in ``gpt2/``, and a LitGPT judge checkpoint in ``judge/``. With neither ``base/`` nor
+    ``gpt2/`` the finetuning base is the model pretrained in the same run; without a judge, judging is
+    skipped.
     """
     root = Path(directory).resolve()
     missing = [name for name in (LOCAL_TEXT, LOCAL_INSTRUCTIONS) if not (root / name).is_file()]
@@ -403,8 +424,10 @@ def local_sources(directory: str | Path) -> list[str]:
     vocab = local_vocab_dir(root)
     if vocab:
         overrides.append(f"data.vocab_dir={vocab}")
-    gpt2 = root / LOCAL_GPT2
-    if (gpt2 / "hparams.json").is_file() or (gpt2 / "config.json").is_file():
+    gpt2, base = root / LOCAL_GPT2, root / LOCAL_BASE
+    if (base / "lit_model.pth").is_file():
+        overrides += ["finetune.engine=litgpt", f"finetune.base={base}", "weights.enabled=false"]
+    elif (gpt2 / "hparams.json").is_file() or (gpt2 / "config.json").is_file():
         overrides.append(f"weights.from_dir={gpt2}")
     else:
         overrides += ["weights.enabled=false", f"finetune.base={PRETRAINED_BASE}"]

@@ -109,8 +109,12 @@ def generate_responses(
 def _responses_markdown(records: list[dict[str, Any]], result: Any, shown: int = 3) -> str:
     lines = [
         f"### Test-set responses ({result.entries} entries{', from an earlier run' if result.cached else ''})\n",
-        f"- base model: `{result.models['base_model']['id']}`",
-        f"- finetuned model: `{result.models['finetuned_model']['id']}`",
+        *(
+            f"- {key.replace('_', ' ')}: `{result.models[key]['id']}`, prompts in "
+            f"`{records[0].get(key + '_prompt_style', '?').rsplit('.', 1)[-1]}` style"
+            for key in ("base_model", "finetuned_model")
+            if records
+        ),
         f"- file: `{result.path}`\n",
         "| instruction | expected | base model | finetuned model |",
         "|---|---|---|---|",
@@ -154,12 +158,17 @@ def judge_responses(
             responses,
             out,
             judge,
+            controls=config.controls,
+            min_control_auc=config.min_control_auc,
             bootstrap_samples=config.bootstrap_samples,
             seed=config.seed,
             on_progress=progress_reporter(f"Judging responses with {config.model}"),
         )
         metrics = library.summary_metrics(result.summary)
+        verdict = library.control_verdict(result.summary)
         run.log_params({"judge_id": judge.judge_id, "judge_settings": judge.settings})
+        run.set_tags({tracking.TAG + "judge.verdict": verdict})
+        print(verdict)
         run.log_dataset(responses, name=RESPONSES_DATASET, digest=responses_sha256, context="evaluation")
         run.log_metrics(metrics)
         import pandas as pd
@@ -182,6 +191,7 @@ def judge_responses(
             "histogram": str(result.histogram),
             "summary": result.summary,
             "metrics": metrics,
+            "verdict": verdict,
             "judge": judge.judge_id,
             "run_id": run.run_id,
         }
@@ -211,15 +221,18 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
 
 
 def _judge_markdown(judge_id: str, result: Any) -> str:
+    from groundup.instruct.judge import control_verdict
+
     s = result.summary
     rows = [
         f"| {key.replace('_', ' ')} | {s[key]['count']} | {s[key]['unparsed']} ({_fmt(s[key]['unparsed_share'], '.0%')}) "
         f"| {_fmt(s[key]['mean'])} | {_fmt(s[key]['median'])} | {_fmt(s[key]['std'])} |"
-        for key in ("base_model", "finetuned_model")
+        for key in ("base_model", "finetuned_model", "reference_answer", "mismatched_answer")
+        if key in s
     ]
     d = s["difference"]
     return (
-        f"### Judge scores (0–100) by `{judge_id}`\n\n"
+        f"### Judge scores (0–100) by `{judge_id}`\n\n**{control_verdict(s)}**\n\n"
         "| model | entries | unparsed | mean | median | std |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\nFinetuned − base: **{_fmt(d['mean'])}** points, paired bootstrap 95% interval "

@@ -9,12 +9,13 @@ version is or is not the champion.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from groundup import tracking
+from groundup.instruct.promotion import Champion, decide
 from groundup.tasks.common import stage_run
 
 CANDIDATE = "candidate"
@@ -24,30 +25,12 @@ BASIS_TAG = tracking.TAG + "score_basis"
 PROMOTION_TAG = tracking.TAG + "promotion"
 
 
-@dataclass(frozen=True)
-class Decision:
-    promoted: bool
-    reason: str
-    champion_before: str | None = None
-    champion_score: float | None = None
-
-
-def decide(candidate: str, score: float, basis: str, champion: tracking.ModelVersion | None) -> Decision:
-    """Whether ``candidate`` (``name/version``) with ``score`` on ``basis`` should become the champion."""
-    if champion is None:
-        return Decision(True, "no champion yet")
-    before = tracking.version_ref(champion)
-    raw = champion.tags.get(SCORE_TAG)
-    champion_score = None if raw is None else float(raw)
-    if before == candidate:
-        return Decision(True, "already the champion", before, champion_score)
-    if champion_score is None:
-        return Decision(False, f"champion {before} has no recorded score", before)
-    if champion.tags.get(BASIS_TAG) != basis:
-        return Decision(False, f"champion {before} was scored on another basis; compare by hand", before, champion_score)
-    if score > champion_score:
-        return Decision(True, f"{score:.4g} beats the champion's {champion_score:.4g}", before, champion_score)
-    return Decision(False, f"{score:.4g} does not beat the champion's {champion_score:.4g}", before, champion_score)
+def registered_champion(version: tracking.ModelVersion | None) -> Champion | None:
+    """The champion version as the promotion rule sees it: its ref, recorded score and basis."""
+    if version is None:
+        return None
+    raw = version.tags.get(SCORE_TAG)
+    return Champion(tracking.version_ref(version), None if raw is None else float(raw), version.tags.get(BASIS_TAG))
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5)
@@ -55,6 +38,7 @@ def promote(
     model: str,
     score: float | None,
     basis: str,
+    refusal: str | None = None,
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
@@ -62,23 +46,23 @@ def promote(
     """Alias ``model`` (``name/version``) as candidate; as champion too if its ``score`` beats the champion's.
 
     Not cached on purpose: the decision depends on the registry's current state, not only on the inputs.
-    ``score`` None (no judge ran) makes it a candidate and leaves the champion alone.
+    ``score`` None (no judge ran) makes it a candidate and leaves the champion alone, and so does a
+    ``refusal`` (why the judge is not trusted, from ``promotion.judge_refusal``). The rule:
+    ``groundup.instruct.promotion.decide``.
     """
     version = tracking.resolve_version(model)
     ref = tracking.version_ref(version)
     with stage_run(
         "promote",
-        config={"model": ref, "score": score, "basis": basis},
+        config={"model": ref, "score": score, "basis": basis, "refusal": refusal},
         parent_run_id=parent_run_id,
         output_dir=output_dir,
         experiment=experiment,
     ) as run:
         tracking.set_alias(version.name, CANDIDATE, version.version)
-        champion = tracking.alias_target(version.name, CHAMPION)
-        if score is None:
-            decision = Decision(False, "not judged", tracking.version_ref(champion) if champion else None)
-        else:
-            decision = decide(ref, score, basis, champion)
+        champion = registered_champion(tracking.alias_target(version.name, CHAMPION))
+        decision = decide(ref, score, basis, champion, refusal=refusal)
+        if score is not None:
             tracking.set_version_tags(ref, {SCORE_TAG: score, BASIS_TAG: basis})
         if decision.promoted:
             tracking.set_alias(version.name, CHAMPION, version.version)

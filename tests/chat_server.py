@@ -3,7 +3,9 @@
 ``POST /v1/chat/completions`` answers with ``reply(messages)`` (canned text, or a real model's output) in
 OpenAI's response format; ``GET /v1/models`` lists the served model. ``api_key`` makes it demand
 ``Authorization: Bearer <key>`` (401 otherwise); ``fail(status, times)`` answers the next requests with an
-error status. Every chat request is recorded in ``requests`` as (body, Authorization header).
+error status; ``refuse`` names request fields the server rejects with 400, as a server that does not know
+them would (``response_format`` on an old one). Every chat request is recorded in ``requests`` as (body,
+Authorization header).
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ Messages = list[dict[str, str]]
 
 class ChatServer:
     def __init__(
-        self, reply: Callable[[Messages], str], model: str = "judge", api_key: str | None = None
+        self,
+        reply: Callable[[Messages], str],
+        model: str = "judge",
+        api_key: str | None = None,
+        refuse: tuple[str, ...] = (),
     ) -> None:
         self.reply = reply
+        self.refuse = refuse
         self.model = model
         self.api_key = api_key
         self.requests: list[tuple[dict[str, Any], str | None]] = []
@@ -97,6 +104,10 @@ class ChatServer:
                     return
                 if server.api_key and auth != f"Bearer {server.api_key}":
                     self._send(401, {"error": {"message": "invalid API key"}})
+                    return
+                refused = [name for name in server.refuse if name in body]
+                if refused:
+                    self._send(400, {"error": {"message": f"unrecognized request argument: {refused[0]}"}})
                     return
                 messages = body.get("messages")
                 if body.get("model") != server.model or not isinstance(messages, list) or not messages:

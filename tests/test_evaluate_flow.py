@@ -28,10 +28,15 @@ ENTRIES = [
 
 
 class ScriptedJudge:
-    """Replies by entry and turn (an entry's base response is judged first, then its finetuned one), so the
-    expected statistics are known: base 30, 50, unparsed; finetuned 60, 90, 70."""
+    """Replies by entry and turn (an entry's base response is judged first, then its finetuned one, then the
+    controls: its reference answer and another entry's), so the expected statistics are known: base 30, 50,
+    unparsed; finetuned 60, 90, 70; references 90, 80, 95 above mismatched answers 10, 20, 5 (AUC 1)."""
 
-    REPLIES = {0: ("30", "60"), 1: ("Score: 50/100", "90"), 2: ("eighty", "70")}
+    REPLIES = {
+        0: ("30", "60", "90", "10"),
+        1: ("Score: 50/100", "90", "80", "20"),
+        2: ("eighty", "70", "95", "5"),
+    }
 
     def __init__(self) -> None:
         self.turns: Counter[int] = Counter()
@@ -39,7 +44,7 @@ class ScriptedJudge:
     def __call__(self, messages: list[dict[str, str]]) -> str:
         prompt = messages[-1]["content"]
         entry = next(i for i, e in enumerate(ENTRIES) if f"### Instruction:\n{e['instruction']}" in prompt)
-        reply = self.REPLIES[entry][self.turns[entry] % 2]
+        reply = self.REPLIES[entry][self.turns[entry] % 4]
         self.turns[entry] += 1
         return reply
 
@@ -86,7 +91,7 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
         again = evaluate(**arguments)
     finally:
         server.stop()
-    assert judged == 2 * len(ENTRIES) and len(server.requests) == judged
+    assert judged == 4 * len(ENTRIES) and len(server.requests) == judged
     assert again["judge"]["run_id"] == result["judge"]["run_id"]
     assert again["responses"] == result["responses"]
 
@@ -97,6 +102,9 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
         "mean"
     ] == pytest.approx((60 + 90 + 70) / 3)
     assert summary["difference"]["pairs"] == 2 and summary["difference"]["mean"] == pytest.approx(35.0)
+    assert summary["control"]["auc"] == 1.0 and summary["control"]["trusted"]
+    assert summary["reference_answer"]["mean"] == pytest.approx(265 / 3)
+    assert result["judge"]["verdict"].startswith("The judge tells right from wrong: control AUC 1.00")
     assert set(result["mc_eval"]) == {"base_model", "finetuned_model"}
     assert result["mc_eval"]["finetuned_model"]["samples"] == {MC_TASK: 3}
 
@@ -106,6 +114,9 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
     assert judge_run.data.tags["mlflow.parentRunId"] == result["run_id"]
     assert judge_run.data.metrics["judge.finetuned_model.mean"] == pytest.approx((60 + 90 + 70) / 3)
     assert judge_run.data.metrics["judge.base_model.unparsed_share"] == pytest.approx(1 / 3)
+    assert judge_run.data.metrics["judge.control.auc"] == 1.0
+    assert judge_run.data.metrics["judge.mismatched_answer.mean"] == pytest.approx(35 / 3)
+    assert judge_run.data.tags[tracking.TAG + "judge.verdict"] == result["judge"]["verdict"]
     artifacts = {a.path for a in client.list_artifacts(judge_run.info.run_id)}
     assert {"scores_table.json", "judge"} <= artifacts
     judge_files = {Path(a.path).name for a in client.list_artifacts(judge_run.info.run_id, "judge")}
@@ -128,6 +139,7 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
         assert Artifact.get(key) is not None, key
     table = json.loads(Artifact.get("judge-scores").data)
     assert [row["finetuned_model_score"] for row in table] == [60, 90, 70]
+    assert result["judge"]["verdict"] in Artifact.get("judge-summary").data
 
 
 @pytest.mark.slow

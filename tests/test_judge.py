@@ -78,7 +78,17 @@ def responses_file(tmp_path: Path) -> Path:
         ("Model v2 deserves 70", 70, None),  # "2" is glued to a word: not a number
         ("<|eot_id|>", None, "no number"),
         (None, None, "empty reply"),
-        ("150, no wait, 85", None, "out of range: 150"),  # only the first number counts
+        ("150, no wait, 85", 85, None),  # the only score in range
+        # read as a person would: the final or labelled score, never the first incidental number
+        ("I'd rate this 4/5... final score 80", 80, None),
+        ("Comparing 3 items, I give 65", 65, None),
+        ("Score: 70. On reflection, final score: 75", 75, None),
+        ("The answer lists 3 facts; score 40", 40, None),
+        ("I rate it 90 out of 100.", 90, None),
+        ('{"score": 72}', 72, None),  # what a JSON-schema-forced server sends
+        ('{"score": 140}', None, "out of range: 140"),
+        ("It could be 60 or 70", None, "ambiguous: 60, 70"),  # truly ambiguous: no guess
+        ("7 out of 10", None, "no number"),  # another scale
     ],
 )
 def test_parse_score(reply, score, problem):
@@ -145,14 +155,14 @@ def test_judge_prompt_is_the_workshops():
 
 def test_litgpt_judge_on_a_tiny_model_counts_unparsed_replies(tiny_litgpt_dir, responses_file, tmp_path):
     tiny = judge.LitGPTJudge(
-        str(tiny_litgpt_dir), max_new_tokens=6, chat_template="llama3", accelerator="cpu"
+        str(tiny_litgpt_dir), max_new_tokens=6, chat_template="llama3", accelerator="cpu", constrained=False
     )
     chat = tiny.chat_prompt("PROMPT")
     assert chat.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
     assert "<|start_header_id|>user<|end_header_id|>\n\nPROMPT<|eot_id|>" in chat
     assert chat.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
-    result = judge.judge_responses(responses_file, tmp_path / "judge", tiny, bootstrap_samples=200)
+    result = judge.judge_responses(responses_file, tmp_path / "judge", tiny, controls=0, bootstrap_samples=200)
     table = pd.read_parquet(result.scores)
     assert len(table) == len(ENTRIES)
     for key in judge.MODEL_KEYS:
@@ -196,10 +206,17 @@ CANNED = {  # judge replies by the response being scored
 }
 
 
+OUTPUTS = {entry["output"] for entry in ENTRIES}
+
+
 def canned_reply(messages):
+    """A judge that knows right from wrong: a reference answer scores 95, another entry's reference 5."""
     prompt = messages[-1]["content"]
     response = prompt.split("score the model response `", 1)[1].split("` on a scale", 1)[0]
-    return CANNED[response]
+    correct = prompt.split("correct output `", 1)[1].split("`, score the model", 1)[0]
+    if response == correct:
+        return CANNED.get(response, "95")
+    return CANNED[response] if response not in OUTPUTS else "Score: 5"
 
 
 def http_judge(server: ChatServer, **kwargs) -> judge.OpenAICompatibleJudge:
@@ -216,7 +233,7 @@ def test_openai_compatible_judge_scores_through_a_local_server(responses_file, t
         result = judge.judge_responses(responses_file, tmp_path / "judge", client, bootstrap_samples=500)
 
     bodies = [body for body, _ in server.requests]
-    assert len(bodies) == 2 * len(ENTRIES) + 1
+    assert len(bodies) == 4 * len(ENTRIES) + 1  # both responses and both controls of every entry
     assert all(auth == "Bearer sk-secret-123" for _, auth in server.requests)
     assert (
         bodies[-1]["model"] == "llama3" and bodies[-1]["max_tokens"] == 8 and bodies[-1]["temperature"] == 0.0
@@ -238,6 +255,13 @@ def test_openai_compatible_judge_scores_through_a_local_server(responses_file, t
     assert s["difference"]["mean"] == pytest.approx(((85 - 40) + (100 - 10)) / 2)
     metrics = judge.summary_metrics(s)
     assert metrics["judge.finetuned_model.unparsed"] == 1.0 and "judge.difference.ci_low" in metrics
+    # the controls: each entry's reference and the next entry's reference
+    assert table["mismatched_answer"].tolist() == [ENTRIES[(i + 1) % 4]["output"] for i in range(4)]
+    assert table["reference_answer_score"].tolist() == [95, 100, 95, 95]
+    assert table["mismatched_answer_score"].tolist() == [5, 5, 5, 5]
+    assert s["control"]["auc"] == 1.0 and s["control"]["trusted"] and s["control"]["entries"] == 4
+    assert metrics["judge.control.auc"] == 1.0 and metrics["judge.mismatched_answer.mean"] == 5.0
+    assert judge.control_verdict(s).startswith("The judge tells right from wrong: control AUC 1.00")
 
     # the API key is sent, never stored
     for path in (result.scores, result.judgments):
@@ -263,6 +287,47 @@ def test_openai_compatible_judge_reports_what_went_wrong(monkeypatch):
         judge.make_judge(JudgeConfig(backend="openai-compatible", model="llama3"))
 
 
+AWKWARD = {  # replies that are clear to a person but not to a first-number rule
+    "The car is fast.": "I'd rate this 4/5... final score 80",
+    "The car is as fast as a cheetah.": "Comparing 3 items, I give 65",
+}
+
+
+def test_format_forcing_fields_are_sent_and_a_refusing_server_gets_plain_requests(responses_file, tmp_path):
+    def forced(messages):  # a server that honours the JSON schema: {"score": n}
+        return json.dumps({"score": judge.parse_score(canned_reply(messages)).score})
+
+    with ChatServer(forced, model="m") as server:
+        client = http_judge(server)
+        assert client.reply(judge.judge_prompt(ENTRIES[2], "Simple.")) == '{"score": 95}'
+        assert judge.parse_score(client.reply(judge.judge_prompt(ENTRIES[1], "It is 3."))).score == 10
+        body = server.requests[-1][0]
+        assert body["response_format"]["type"] == "json_schema"
+        schema = body["response_format"]["json_schema"]["schema"]
+        assert schema["properties"]["score"] == {"type": "integer", "minimum": 0, "maximum": 100}
+        assert schema["required"] == ["score"]
+
+    with ChatServer(canned_reply, model="m") as server:  # vLLM's guided decoding by regex
+        http_judge(server, force_format="guided_regex").reply(judge.judge_prompt(ENTRIES[1], "It is 3."))
+        assert server.requests[-1][0]["guided_regex"] == judge.SCORE_REGEX
+
+    # an older server refuses the field: one refused request, then plain ones, replies parsed as a person would
+    replies = {**CANNED, **AWKWARD}
+    awkward = ChatServer(
+        lambda m: replies[m[-1]["content"].split("response `", 1)[1].split("` on a scale", 1)[0]],
+        model="m",
+        refuse=("response_format",),
+    )
+    with awkward:
+        client = http_judge(awkward)
+        result = judge.judge_responses(responses_file, tmp_path / "judge", client, controls=0)
+    statuses = ["response_format" in body for body, _ in awkward.requests]
+    assert statuses == [True] + [False] * (2 * len(ENTRIES))
+    table = pd.read_parquet(result.scores)
+    assert table.loc[0, "base_model_score"] == 80 and table.loc[0, "finetuned_model_score"] == 65
+    assert result.summary["base_model"]["unparsed"] == 1  # "eighty" stays unparsed and counted
+
+
 def test_judging_resumes_after_an_interruption(responses_file, tmp_path):
     with ChatServer(canned_reply) as server:
         client = http_judge(server)
@@ -273,9 +338,9 @@ def test_judging_resumes_after_an_interruption(responses_file, tmp_path):
 
         with pytest.raises(KeyboardInterrupt):
             judge.judge_responses(responses_file, tmp_path / "judge", client, on_progress=interrupt_after_two)
-        assert len(server.requests) == 4  # two entries, two responses each
+        assert len(server.requests) == 8  # two entries, two responses and two controls each
         result = judge.judge_responses(responses_file, tmp_path / "judge", client)
-        assert len(server.requests) == 2 * len(ENTRIES)  # only the remaining entries were judged
+        assert len(server.requests) == 4 * len(ENTRIES)  # only the remaining entries were judged
         assert pd.read_parquet(result.scores)["index"].tolist() == [0, 1, 2, 3]
 
         other = judge.OpenAICompatibleJudge(server.base_url, server.model, max_new_tokens=9)
@@ -289,7 +354,7 @@ def test_a_tiny_litgpt_model_served_over_http_is_a_judge(tiny_litgpt_dir, respon
     model = LitGPTModel(tiny_litgpt_dir, accelerator="cpu")
     served = ChatServer(lambda m: model.complete([m[-1]["content"]], Sampling(max_new_tokens=5))[0])
     with served:
-        result = judge.judge_responses(responses_file, tmp_path / "judge", http_judge(served))
+        result = judge.judge_responses(responses_file, tmp_path / "judge", http_judge(served), controls=0)
     table = pd.read_parquet(result.scores)
     assert table["finetuned_model_reply"].tolist() == [
         model.complete([judge.judge_prompt(e, e["finetuned_model"])], Sampling(max_new_tokens=5))[0].strip()

@@ -9,7 +9,7 @@ import pytest
 
 from groundup import tracking
 from groundup.config import ConfigError, PipelineConfig, load_config, local_sources
-from groundup.flows.pipeline import check, score_basis, summary
+from groundup.flows.pipeline import check, summary
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 
 # Stages whose results are cached on content, and those that run every time by design: the download
@@ -47,6 +47,15 @@ def test_sources_dir_points_every_source_at_local_files(tmp_path):
     assert config.judge.enabled and config.judge.model == str((root / "judge").resolve())
 
 
+def test_sources_dir_with_a_litgpt_base_finetunes_it_with_the_litgpt_engine(tmp_path):
+    _touch(tmp_path / "the-verdict.txt"), _touch(tmp_path / "instruction-data.json")
+    _touch(tmp_path / "base" / "lit_model.pth"), _touch(tmp_path / "gpt2" / "config.json")
+    config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
+    assert config.finetune.engine == "litgpt" and config.finetune.base == str((tmp_path / "base").resolve())
+    assert not config.weights.enabled  # the base is the real model; GPT-2 is not needed
+    check(config)
+
+
 def test_sources_dir_without_gpt2_or_judge_finetunes_the_pretrained_model_and_skips_the_judge(tmp_path):
     _touch(tmp_path / "the-verdict.txt"), _touch(tmp_path / "instruction-data.json")
     config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
@@ -72,16 +81,6 @@ def test_sources_dir_names_what_is_missing(tmp_path):
 def test_inconsistent_settings_are_refused_before_any_stage(overrides, message):
     with pytest.raises(ValueError, match=message):
         check(load_config(PipelineConfig, "quickstart", overrides))
-
-
-def test_scores_are_comparable_only_on_the_same_basis():
-    config = load_config(PipelineConfig, "quickstart")
-    same = score_basis(config, "judge-x", "abc")
-    assert score_basis(config.model_copy(update={"judge": config.judge.model_copy(update={"retries": 9})}), "judge-x", "abc") == same
-    assert score_basis(config, "judge-y", "abc") != same
-    assert score_basis(config, "judge-x", "abd") != same
-    changed = config.model_copy(update={"generation": config.generation.model_copy(update={"max_new_tokens": 7})})
-    assert score_basis(changed, "judge-x", "abc") != same
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -105,6 +105,16 @@ def test_an_unjudged_version_is_only_a_candidate(registry, prefect_harness, tmp_
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CHAMPION}")) == v1
 
 
+def test_an_untrusted_judge_promotes_nothing_and_says_why(registry, prefect_harness, tmp_path, model):
+    v1 = _register(tmp_path, registry, model, "v1")
+    refusal = "the judge cannot tell right from wrong (control AUC 0.46 < 0.80); its scores promote nothing"
+    result = promote.fn(v1, 90.0, "judge-a", refusal, output_dir=str(registry))
+    assert not result["promoted"] and result["aliases"] == [CANDIDATE] and result["reason"] == refusal
+    assert _tags(v1)[PROMOTION_TAG + ".reason"] == refusal
+    with pytest.raises(Exception, match="champion"):
+        tracking.resolve_version(f"{model}@{CHAMPION}")
+
+
 def test_a_champion_without_a_recorded_score_is_not_displaced(registry, prefect_harness, tmp_path, model):
     v1, v2 = _register(tmp_path, registry, model, "v1"), _register(tmp_path, registry, model, "v2")
     tracking.set_alias(model, CHAMPION, v1.split("/")[1])  # chosen by hand

@@ -60,6 +60,10 @@ def settings(**overrides) -> GenerationConfig:
         ("Rome.<|end|>\n<|user|>\nNext", "phi-3", "Rome."),
         ("<|assistant|>\nRome.", "phi-3", "Rome."),
         ("### Response:\n", "alpaca", ""),
+        # Alpaca-style output that goes on with another section (seen with SmolLM2 under Alpaca prompts)
+        ("The three forms of water are:\n1. Ice\n\n### Explanation:\nThe three", "alpaca", "The three forms of water are:\n1. Ice"),
+        ("Paris.<|im_end|>\n<|im_start|>user", "chat", "Paris."),
+        ("### Step 1\nBoil water.", "chat", "### Step 1\nBoil water."),  # a chat answer's own Markdown stays
     ],
 )
 def test_clean_response(text, style, expected):
@@ -79,7 +83,9 @@ def test_similar_length_batches_sort_by_length_then_cut():
 def test_responses_of_both_backends_match_their_own_generation(
     test_data, tiny_gpt, tiny_litgpt_dir, tmp_path
 ):
-    result = responses.generate_responses(test_data, tiny_gpt, tiny_litgpt_dir, tmp_path, settings())
+    result = responses.generate_responses(
+        test_data, tiny_gpt, tiny_litgpt_dir, tmp_path, settings(prompt_style="alpaca")
+    )
     records = read_jsonl(result.path)
     assert not result.cached and len(records) == len(ENTRIES)
     prompts = [format_prompt(e, "alpaca") for e in ENTRIES]
@@ -125,9 +131,35 @@ def test_responses_of_both_backends_match_their_own_generation(
 
     # batch size does not change greedy answers
     one_by_one = responses.generate_responses(
-        test_data, tiny_gpt, tiny_litgpt_dir, tmp_path / "b1", settings(batch_size=1)
+        test_data, tiny_gpt, tiny_litgpt_dir, tmp_path / "b1", settings(batch_size=1, prompt_style="alpaca")
     )
     assert [r["base_model"] for r in read_jsonl(one_by_one.path)] == [r["base_model"] for r in records]
+
+
+def test_each_model_answers_in_its_own_prompt_style(tiny_gpt, tiny_adapter, tiny_litgpt_dir, tmp_path):
+    from litgpt.prompts import save_prompt_style
+
+    from groundup.instruct import litgpt_prompts
+
+    entry = ENTRIES[2]
+    # our GPT-2 and an adapter on it: Alpaca, as finetuned
+    for model in (tiny_gpt, tiny_adapter):
+        style = litgpt_prompts.model_prompt_style(model)
+        assert litgpt_prompts.format_entry(style, entry) == format_prompt(entry, "alpaca")
+    # a LitGPT checkpoint: its recorded style (what finetuning wrote), else the template LitGPT knows by name
+    finetuned = tmp_path / "finetuned"
+    finetuned.mkdir()
+    (finetuned / "model_config.yaml").write_text((tiny_litgpt_dir / "model_config.yaml").read_text())
+    save_prompt_style(litgpt_prompts.Phi3(), finetuned)
+    assert isinstance(litgpt_prompts.model_prompt_style(finetuned), litgpt_prompts.Phi3)
+    chat = litgpt_prompts.model_prompt_style("HuggingFaceTB/SmolLM2-360M-Instruct")
+    assert litgpt_prompts.format_entry(chat, entry).endswith(
+        "<|im_start|>user\nRewrite the sentence using a simile.\n\nThe car is very fast.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert litgpt_prompts.answer_format(chat) == "chat"
+    # a setting other than auto: that style for every model
+    assert isinstance(litgpt_prompts.model_prompt_style(finetuned, "alpaca"), litgpt_prompts.Alpaca)
 
 
 def test_interrupted_run_resumes_where_it_stopped(test_data, tiny_gpt, tiny_adapter, tmp_path, monkeypatch):

@@ -366,9 +366,12 @@ def model_kind(model: str | Path) -> str:
     raise ModelLoadError(f"model {str(model)!r}: no such directory, and not a hub id of the form org/name")
 
 
-def load_causal_lm(model: str | Path, *, accelerator: str = "auto", quantize: str | None = None) -> CausalLM:
+def load_causal_lm(
+    model: str | Path, *, accelerator: str = "auto", quantize: str | None = None, prompt_style: Any = None
+) -> CausalLM:
+    """``prompt_style``: a LitGPT model's stop tokens come from it (our GPT stops at end-of-text)."""
     if model_kind(model) == "litgpt":
-        return LitGPTModel(model, accelerator=accelerator, quantize=quantize)
+        return LitGPTModel(model, accelerator=accelerator, quantize=quantize, prompt_style=prompt_style)
     if quantize is not None:
         raise ModelLoadError(f"quantize={quantize!r} is only available for LitGPT models, not {model}")
     return GroundupModel(model, accelerator=accelerator)

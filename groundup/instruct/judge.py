@@ -2,49 +2,49 @@
 
 The prompt is the workshop's, sent through the judge model's chat template (Llama 3 Instruct's for the
 default judge). Unlike the workshop, no reply is dropped: a reply without a usable score is kept, counted
-and reported as unparsed next to the statistics of the parsed ones.
+and reported as unparsed next to the statistics of the parsed ones. Besides both models' responses the
+judge scores controls, the reference answer and another entry's reference for the first
+``judge.controls`` entries, so the summary can say whether its scores mean anything
+(:mod:`groundup.instruct.judge_scores`: parsing, statistics, the control AUC).
 
-Over 350 lines: the judge prompt, score parsing, both backends and the statistics are one stage's logic;
-splitting the backends out is the evaluation work's call.
-
-Score parsing (:func:`parse_score`) reads the first number in the reply and accepts it only if it is a
-whole number from 0 to 100:
-
-==================  =========  ===============================================================
-reply               score      why
-==================  =========  ===============================================================
-``85``              85
-``Score: 85/100``   85         the first number is the score; ``/100`` is the scale
-``I'd give it 85.`` 85         a full stop after the number ends the sentence, not a decimal
-``eighty``          unparsed   number words are not read (judges asked for digits give digits)
-``150``             unparsed   out of range; later numbers are not tried (they are rarely scores)
-``""``              unparsed   empty reply
-``-3``              unparsed   negative; not read as 3
-``85.5``            unparsed   not an integer; rounding would make up a rule the prompt does not state
-==================  =========  ===============================================================
-
-Backends: ``litgpt`` (a local model through ``litgpt.LLM``, optionally 4-bit on CUDA) and
-``openai-compatible`` (chat completions over HTTP: Ollama, vLLM, LM Studio, OpenAI, ...).
+Backends (:mod:`groundup.instruct.judge_backends`): ``litgpt``, whose decoding is by default constrained to
+the numbers 0-100 so that every reply is a score, and ``openai-compatible`` (Ollama, vLLM, OpenAI, ...),
+asked for a score only where the server allows it.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from groundup.config import JudgeConfig
-from groundup.errors import SourceUnreachable
 from groundup.files import atomic_path, sha256_file
+from groundup.instruct.judge_backends import (  # noqa: F401
+    FORMAT_FIELDS,
+    SCORE_REGEX,
+    Judge,
+    JudgeError,
+    LitGPTJudge,
+    OpenAICompatibleJudge,
+)
+from groundup.instruct.judge_scores import (  # noqa: F401  (the judge's public names, in one place)
+    CONTROL_KEYS,
+    MODEL_KEYS,
+    ParsedScore,
+    control_auc,
+    control_verdict,
+    describe_scores,
+    paired_difference,
+    parse_score,
+    summarize,
+    summary_metrics,
+)
 
-MODEL_KEYS = ("base_model", "finetuned_model")
+SCORED_KEYS = MODEL_KEYS + CONTROL_KEYS
 
 JUDGE_TEMPLATE = (
     "Given the input `{input}` and correct output `{output}`, score the model response `{response}` "
@@ -59,230 +59,6 @@ def judge_prompt(entry: Mapping[str, Any], response: str) -> str:
     return JUDGE_TEMPLATE.format(input=format_input(entry), output=entry["output"], response=response)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------------------------------------
-
-# A number not glued to a preceding word or decimal point ("v2", ".5"), with an optional minus sign and
-# an optional decimal part; a trailing "." without digits is punctuation.
-_NUMBER = re.compile(r"(?<![\w.])(-?)(\d+)(\.\d+)?(?!\d)")
-
-
-@dataclass(frozen=True)
-class ParsedScore:
-    score: int | None
-    problem: str | None = None  # why the reply is unparsed
-
-    @property
-    def parsed(self) -> bool:
-        return self.score is not None
-
-
-def parse_score(reply: str | None) -> ParsedScore:
-    """The first number in ``reply`` if it is an integer from 0 to 100; otherwise unparsed, with a reason."""
-    if reply is None or not reply.strip():
-        return ParsedScore(None, "empty reply")
-    match = _NUMBER.search(reply)
-    if match is None:
-        return ParsedScore(None, "no number")
-    sign, digits, fraction = match.groups()
-    if fraction:
-        return ParsedScore(None, f"not an integer: {match.group(0)}")
-    if sign:
-        return ParsedScore(None, f"negative: {match.group(0)}")
-    value = int(digits)
-    if value > 100:
-        return ParsedScore(None, f"out of range: {value}")
-    return ParsedScore(value)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------------------
-
-
-def describe_scores(scores: Sequence[int | None]) -> dict[str, float | int | None]:
-    """Count, unparsed count and share, and mean / median / sample standard deviation of parsed scores."""
-    parsed = np.array([s for s in scores if s is not None], dtype=float)
-    total = len(scores)
-    unparsed = total - len(parsed)
-    return {
-        "count": total,
-        "parsed": int(len(parsed)),
-        "unparsed": unparsed,
-        "unparsed_share": unparsed / total if total else None,
-        "mean": float(parsed.mean()) if len(parsed) else None,
-        "median": float(np.median(parsed)) if len(parsed) else None,
-        "std": float(parsed.std(ddof=1)) if len(parsed) > 1 else None,
-    }
-
-
-def paired_difference(
-    base: Sequence[int | None], finetuned: Sequence[int | None], *, samples: int = 10_000, seed: int = 123
-) -> dict[str, float | int | None]:
-    """Mean of ``finetuned - base`` over entries where both scores parsed, with a paired bootstrap 95%
-    percentile interval: entries are resampled with replacement, keeping each entry's two scores together,
-    so the interval reflects that both models answered the same questions."""
-    if len(base) != len(finetuned):
-        raise ValueError(f"paired scores need equal lengths, got {len(base)} and {len(finetuned)}")
-    diffs = np.array(
-        [f - b for b, f in zip(base, finetuned, strict=True) if b is not None and f is not None], dtype=float
-    )
-    result: dict[str, float | int | None] = {
-        "pairs": int(len(diffs)),
-        "mean": None,
-        "ci_low": None,
-        "ci_high": None,
-    }
-    if len(diffs) == 0:
-        return result
-    result["mean"] = float(diffs.mean())
-    if len(diffs) > 1:
-        rng = np.random.default_rng(seed)
-        means = diffs[rng.integers(0, len(diffs), size=(samples, len(diffs)))].mean(axis=1)
-        low, high = np.percentile(means, [2.5, 97.5])
-        result["ci_low"], result["ci_high"] = float(low), float(high)
-    return result
-
-
-def summarize(
-    scores: Mapping[str, Sequence[int | None]], *, samples: int = 10_000, seed: int = 123
-) -> dict[str, dict[str, float | int | None]]:
-    """Per-model statistics plus the paired difference finetuned - base."""
-    summary = {key: describe_scores(scores[key]) for key in MODEL_KEYS}
-    summary["difference"] = paired_difference(
-        scores["base_model"], scores["finetuned_model"], samples=samples, seed=seed
-    )
-    return summary
-
-
-def summary_metrics(summary: Mapping[str, Mapping[str, float | int | None]]) -> dict[str, float]:
-    """Flat MLflow metric names (``judge.finetuned_model.mean`` ...), leaving out what could not be computed."""
-    return {
-        f"judge.{group}.{name}": float(value)
-        for group, stats in summary.items()
-        for name, value in stats.items()
-        if value is not None and not (isinstance(value, float) and math.isnan(value))
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------------------------
-
-
-class JudgeError(SourceUnreachable):
-    """The judge could not be reached or loaded, or answered with something that is not a reply."""
-
-
-class Judge(Protocol):
-    judge_id: str
-    settings: dict[str, Any]  # everything that shapes the replies, for the resume check
-
-    def reply(self, prompt: str) -> str: ...
-
-
-class LitGPTJudge:
-    """A local judge through LitGPT, prompts wrapped in its chat template.
-
-    ``chat_template`` names a LitGPT prompt style (``llama3``, ``phi-3``, ...); ``None`` uses the
-    checkpoint's own, which for ``meta-llama/Meta-Llama-3-8B-Instruct`` is Llama 3's.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int = 123,
-        chat_template: str | None = None,
-        accelerator: str = "auto",
-        quantize: str | None = None,
-    ) -> None:
-        from litgpt.prompts import PromptStyle
-
-        from groundup.instruct.inference import LitGPTModel, Sampling
-
-        style = PromptStyle.from_name(chat_template) if chat_template else None
-        self.model = LitGPTModel(model, accelerator=accelerator, quantize=quantize, prompt_style=style)
-        self.judge_id = f"litgpt:{self.model.model_id}"
-        self.sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        self.settings = {"chat_template": type(self.model.prompt_style).__name__, **self.sampling.to_dict()}
-
-    def chat_prompt(self, prompt: str) -> str:
-        return self.model.prompt_style.apply(prompt)
-
-    def reply(self, prompt: str) -> str:
-        return self.model.complete([self.chat_prompt(prompt)], self.sampling)[0].strip()
-
-
-class OpenAICompatibleJudge:
-    """A judge behind an OpenAI-style ``POST {base_url}/chat/completions``; the server applies the chat
-    template. The API key is read from the environment variable ``api_key_env`` and sent only as the
-    ``Authorization`` header; it never appears in logs, errors or results."""
-
-    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int = 123,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        timeout_s: float = 120.0,
-        retries: int = 3,
-        backoff_s: float = 1.0,
-    ) -> None:
-        import requests
-
-        if not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"judge base_url {base_url!r} must start with http:// or https://")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.judge_id = f"openai-compatible:{model}@{base_url.rstrip('/')}"
-        self.body = {"model": model, "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
-        self.settings = dict(self.body)
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.session = requests.Session()
-        key = os.environ.get(api_key_env) if api_key_env else None
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
-
-    def reply(self, prompt: str) -> str:
-        import requests
-
-        body = {**self.body, "messages": [{"role": "user", "content": prompt}]}
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self.session.post(self.url, json=body, timeout=self.timeout_s)
-            except requests.RequestException as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                continue
-            if response.status_code in self.RETRY_STATUS:
-                problem = f"HTTP {response.status_code}"
-                continue
-            if response.status_code != 200:
-                raise JudgeError(f"{self.url}: HTTP {response.status_code}: {response.text[:300]}")
-            return self._content(response)
-        raise JudgeError(f"{self.url}: no reply after {self.retries + 1} attempts ({problem})")
-
-    def _content(self, response: Any) -> str:
-        try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"{self.url}: not a chat completion: {response.text[:300]}") from None
-        return (content or "").strip()
-
-
 def make_judge(settings: JudgeConfig) -> Judge:
     """The backend ``settings`` selects."""
     if settings.backend == "litgpt":
@@ -294,6 +70,7 @@ def make_judge(settings: JudgeConfig) -> Judge:
             chat_template=settings.chat_template,
             accelerator=settings.accelerator,
             quantize=settings.quantize,
+            constrained=settings.constrained,
         )
     if not settings.base_url:
         raise JudgeError(
@@ -310,6 +87,7 @@ def make_judge(settings: JudgeConfig) -> Judge:
         api_key_env=settings.api_key_env,
         timeout_s=settings.timeout_s,
         retries=settings.retries,
+        force_format=settings.force_format,
     )
 
 
@@ -331,11 +109,14 @@ def judge_responses(
     output_dir: str | Path,
     judge: Judge,
     *,
+    controls: int = 50,
+    min_control_auc: float = 0.8,
     bootstrap_samples: int = 10_000,
     seed: int = 123,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> JudgeResult:
-    """Ask ``judge`` to score every entry's two responses; resumable (replies are logged entry by entry).
+    """Ask ``judge`` to score every entry's two responses, and for the first ``controls`` entries the
+    reference answer and a mismatched reference; resumable (replies are logged entry by entry).
 
     Writes ``judgments.jsonl``, ``scores.parquet`` and ``scores_histogram.png`` into ``output_dir``.
     """
@@ -345,10 +126,15 @@ def judge_responses(
     output_dir = Path(output_dir)
     entries = read_responses(responses)
     log_path = output_dir / "judgments.jsonl"
-    replies = _collect_replies(entries, responses, judge, log_path, on_progress)
-    table = scores_table(entries, replies)
-    scores = {key: [None if v is pd.NA else int(v) for v in table[f"{key}_score"]] for key in MODEL_KEYS}
-    summary = summarize(scores, samples=bootstrap_samples, seed=seed)
+    mismatched = mismatched_answers(entries, controls)
+    replies = _collect_replies(entries, mismatched, responses, judge, log_path, on_progress)
+    table = scores_table(entries, mismatched, replies)
+    # Control scores only of the controlled entries: an entry without controls is not an unparsed reply.
+    rows = {key: len(mismatched) if key in CONTROL_KEYS else len(table) for key in SCORED_KEYS}
+    scores = {
+        key: [None if v is pd.NA else int(v) for v in table[f"{key}_score"][: rows[key]]] for key in SCORED_KEYS
+    }
+    summary = summarize(scores, samples=bootstrap_samples, seed=seed, auc_threshold=min_control_auc)
     parquet = output_dir / "scores.parquet"
     with atomic_path(parquet, suffix=".parquet") as tmp:
         table.to_parquet(tmp, index=False)
@@ -370,8 +156,24 @@ def read_responses(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def mismatched_answers(entries: Sequence[Mapping[str, Any]], controls: int) -> list[str]:
+    """For each of the first ``controls`` entries, the reference answer of the next entry whose answer
+    differs (a wrong answer that is still fluent and on some topic); none with fewer than two answers."""
+    outputs = [entry["output"] for entry in entries]
+    if len(set(outputs)) < 2:
+        return []
+    mismatched = []
+    for index in range(min(controls, len(entries))):
+        offset = 1
+        while outputs[(index + offset) % len(outputs)] == outputs[index]:
+            offset += 1
+        mismatched.append(outputs[(index + offset) % len(outputs)])
+    return mismatched
+
+
 def _collect_replies(
     entries: Sequence[Mapping[str, Any]],
+    mismatched: Sequence[str],
     responses: Path,
     judge: Judge,
     log_path: Path,
@@ -386,6 +188,7 @@ def _collect_replies(
         "responses_sha256": sha256_file(responses),
         "judge": judge.judge_id,
         "template": JUDGE_TEMPLATE,
+        "controls": len(mismatched),
         **judge.settings,
     }
     with (
@@ -394,8 +197,11 @@ def _collect_replies(
     ):
         for index in [i for i in range(len(entries)) if i not in log.done]:
             record: dict[str, Any] = {"index": index}
-            for key in MODEL_KEYS:
-                record[f"{key}_reply"] = judge.reply(judge_prompt(entries[index], entries[index][key]))
+            answers = {key: entries[index][key] for key in MODEL_KEYS}
+            if index < len(mismatched):
+                answers.update(reference_answer=entries[index]["output"], mismatched_answer=mismatched[index])
+            for key, answer in answers.items():
+                record[f"{key}_reply"] = judge.reply(judge_prompt(entries[index], answer))
             log.append(record)
             bar.update()
             if on_progress:
@@ -403,8 +209,11 @@ def _collect_replies(
         return {record["index"]: record for record in log.records}
 
 
-def scores_table(entries: Sequence[Mapping[str, Any]], replies: Mapping[int, Mapping[str, str]]):
-    """One row per entry: the entry, both responses, raw judge replies, parsed scores, and why unparsed."""
+def scores_table(
+    entries: Sequence[Mapping[str, Any]], mismatched: Sequence[str], replies: Mapping[int, Mapping[str, str]]
+):
+    """One row per entry: the entry, both responses (and the control answers), raw judge replies, parsed
+    scores, and why unparsed; control columns are empty past the controlled entries."""
     import pandas as pd
 
     rows = []
@@ -415,15 +224,19 @@ def scores_table(entries: Sequence[Mapping[str, Any]], replies: Mapping[int, Map
             "input": entry.get("input", ""),
             "output": entry["output"],
         }
-        for key in MODEL_KEYS:
-            parsed = parse_score(replies[index][f"{key}_reply"])
-            row[key] = entry[key]
-            row[f"{key}_reply"] = replies[index][f"{key}_reply"]
+        answers = {key: entry[key] for key in MODEL_KEYS}
+        answers["reference_answer"] = entry["output"] if index < len(mismatched) else None
+        answers["mismatched_answer"] = mismatched[index] if index < len(mismatched) else None
+        for key, answer in answers.items():
+            reply = replies[index].get(f"{key}_reply")
+            parsed = parse_score(reply) if answer is not None else ParsedScore(None, "no control")
+            row[key] = answer
+            row[f"{key}_reply"] = reply
             row[f"{key}_score"] = parsed.score
             row[f"{key}_problem"] = parsed.problem
         rows.append(row)
-    table = pd.DataFrame(rows)
-    for key in MODEL_KEYS:
+    table = pd.DataFrame(rows).drop(columns=["reference_answer"])  # the same as "output"
+    for key in SCORED_KEYS:
         table[f"{key}_score"] = table[f"{key}_score"].astype("Int64")  # nullable: unparsed stays missing
     table["difference"] = table["finetuned_model_score"] - table["base_model_score"]
     return table
