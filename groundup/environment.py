@@ -27,6 +27,10 @@ def prepare(output_dir: str | Path = "artifacts") -> Path:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(out / "prefect" / "results"))
     os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
+    # Prefect does not create a missing home's parents: its server then cannot open its SQLite database
+    # and restarts on a new port until the start-up timeout. Nothing else creates them in time when
+    # MLFLOW_TRACKING_URI points elsewhere, so create them here, before Prefect is imported.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     # Servers started by `groundup ui` for this output dir replace the embedded API and SQLite store.
     from groundup import serving
 
