@@ -26,7 +26,7 @@ def _settings(args: argparse.Namespace, model, section: str | None = None, extra
 def _prepare(args: argparse.Namespace) -> Path:
     from groundup import environment
 
-    return environment.prepare(args.output_dir)
+    return environment.prepare(args.output_dir, prefect_server=True)
 
 
 def _print(result) -> None:
@@ -84,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _settings(args, PipelineConfig, extra=extra)
     from groundup import environment
 
-    environment.prepare(config.output_dir)
+    environment.prepare(config.output_dir, prefect_server=True)
     from groundup.flows.pipeline import pipeline, summary
 
     print(summary(pipeline(config=config), config.output_dir))
@@ -255,8 +255,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    _prepare(args)
-    from groundup import serving, tracking
+    from groundup import environment, serving, tracking
+
+    environment.prepare(args.output_dir)  # MLflow only: no Prefect server needed
 
     tree = tracking.lineage(args.ref)
     serving.link_flow_runs(tree, args.output_dir)

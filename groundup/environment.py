@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
+from groundup.errors import GroundupError, SettingsError, one_line
+
 # Prefect's ephemeral API server needs ~25 s to start on a small machine; its default timeout is 20 s.
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    STARTUP_TIMEOUT: "180",
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     # Prefect's servers (embedded or `groundup ui`) would phone home; offline that only logs errors.
@@ -16,11 +21,17 @@ DEFAULTS = {
 }
 
 
-def prepare(output_dir: str | Path = "artifacts") -> Path:
+# "background" (default): commands share a Prefect server that outlives them (see use_prefect_server);
+# "ephemeral": each process starts Prefect's temporary server, as Prefect does by default (the tests do).
+PREFECT_SERVER_MODE = "GROUNDUP_PREFECT_SERVER"
+
+
+def prepare(output_dir: str | Path = "artifacts", prefect_server: bool = False) -> Path:
     """Set defaults (never overriding what the user exported) and point MLflow at ``output_dir``.
 
     Prefect results and the local Prefect home live under ``output_dir`` too unless the user chose
-    otherwise, so one folder holds everything a run produced.
+    otherwise, so one folder holds everything a run produced. ``prefect_server``: the command runs flows
+    or tasks, so point it at a running Prefect server (:func:`use_prefect_server`).
     """
     out = Path(output_dir).resolve()
     for key, value in DEFAULTS.items():
@@ -36,7 +47,61 @@ def prepare(output_dir: str | Path = "artifacts") -> Path:
 
     for key, value in serving.server_environment(out).items():
         os.environ.setdefault(key, value)
+    if prefect_server:
+        use_prefect_server(out)
+        quiet_expected_tracebacks()
     from groundup import tracking
 
     tracking.configure(out)
     return out
+
+
+def use_prefect_server(out: Path) -> None:
+    """Point Prefect at the server recorded for ``out``, starting one in the background on first use.
+
+    Prefect's default, a temporary server per process, costs 20-60 s of every command on a small machine;
+    a recorded server costs that once. Nothing changes when the user chose a server (``PREFECT_API_URL``) or
+    asked for the temporary one (``GROUNDUP_PREFECT_SERVER=ephemeral``); if the background server cannot
+    start, the command says so and goes on with the temporary one.
+    """
+    mode = os.environ.get(PREFECT_SERVER_MODE, "background")
+    if mode not in ("background", "ephemeral"):
+        raise SettingsError(f"{PREFECT_SERVER_MODE}={mode!r}: use 'background' or 'ephemeral'")
+    if os.environ.get("PREFECT_API_URL") or mode == "ephemeral":
+        return
+    from groundup import serving
+
+    if "prefect" not in serving.running_servers(out):
+        print(
+            f"groundup: starting a Prefect server for {out} in the background; later commands reuse it "
+            "(stop it: groundup ui --stop) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        server, _ = serving.start_background_prefect(out, timeout=float(os.environ[STARTUP_TIMEOUT]))
+    except serving.ServerError as exc:
+        print(f"groundup: {one_line(exc)}; using a temporary Prefect server instead", file=sys.stderr)
+        return
+    os.environ["PREFECT_API_URL"] = server.url.rstrip("/") + "/api"
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drops the traceback from a flow or task run's log record of a :class:`GroundupError`: its message
+    already names the input and the fix, and Prefect would print 40-80 lines of engine frames above it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], GroundupError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_expected_tracebacks() -> None:
+    """Install :class:`_WithoutTraceback` on Prefect's run loggers (after Prefect configured its logging,
+    which importing it does). Unexpected errors keep their tracebacks."""
+    import prefect  # noqa: F401  (configures Prefect's logging, which would otherwise come later)
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutTraceback) for f in logger.filters):
+            logger.addFilter(_WithoutTraceback())

@@ -108,6 +108,23 @@ def _hub_error(repo_id: str, name: str, endpoint: str | None, exc: Exception) ->
     return WeightsError(f"could not fetch {where}: {why}")
 
 
+def _unreachable_for_good(endpoint: str | None) -> tuple[str, str] | None:
+    """The endpoint's URL and why it cannot be reached, when that will not pass (a host name that does not
+    resolve, a refused connection); else None. The hub client itself retries such failures five times over
+    ~25 s (each retry logged twice) before it says anything, so one plain request asks first."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = (endpoint or constants.ENDPOINT).rstrip("/")
+    try:
+        requests.head(url, timeout=10, allow_redirects=False).close()
+    except requests.RequestException as exc:
+        why, transient = network_cause(exc)
+        return None if transient else (url, why)
+    return None
+
+
 def _verified_sha256(path: Path, url: str) -> str:
     """The file's sha256, checked against its blob name when the hub named it by its sha256 (LFS files)."""
     blob = path.resolve()
@@ -138,15 +155,24 @@ def download_hf_checkpoint(
     from requests import RequestException
 
     paths: dict[str, Path] = {}
+    # Files already in the hub cache are used without the network, as the hub client would on failure.
+    unreachable = _unreachable_for_good(endpoint)
     for done, name in enumerate(HF_FILES, 1):
         for attempt in range(retries + 1):
             try:
                 paths[name] = Path(
-                    hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, endpoint=endpoint)
-                )
+                    hf_hub_download(
+                        repo_id, name, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
+                        local_files_only=unreachable is not None,
+                    )
+                )  # fmt: skip
                 break
             except (HfHubHTTPError, OfflineModeIsEnabled, RequestException, FileNotFoundError, ValueError) as exc:
                 error = _hub_error(repo_id, name, endpoint, exc)
+                if unreachable is not None:
+                    url, why = unreachable
+                    where = f"{repo_id}/{name} on {url}"
+                    error = HubUnreachable(f"could not fetch {where}: not in the local cache, and {why}", fix=HUB_FIX)
                 if attempt == retries or not getattr(error, "transient", False):
                     raise error from exc
                 # The hub client keeps the partial file (.incomplete) and resumes it with a Range request.
