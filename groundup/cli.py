@@ -85,9 +85,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from groundup import environment
 
     environment.prepare(config.output_dir, prefect_server=True)
-    from groundup.flows.pipeline import pipeline, summary
+    from groundup.flows.pipeline import pipeline
+    from groundup.report import summary
 
-    print(summary(pipeline(config=config), config.output_dir))
+    print(summary(pipeline(config=config), config, config.output_dir, args.sources_dir))
     return 0
 
 
