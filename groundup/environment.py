@@ -18,6 +18,8 @@ DEFAULTS = {
     # Prefect's servers (embedded or `groundup ui`) would phone home; offline that only logs errors.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # A registry lookup (`groundup generate NAME@alias`) would draw MLflow's "Downloading artifacts" bar.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

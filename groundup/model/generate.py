@@ -214,6 +214,10 @@ def resolve_model_directory(ref: str, output_dir: str | Path) -> Path:
         ) from None
 
 
+# `groundup generate` stops after this many blank lines in a row (an undertrained model's favourite output).
+BLANK_LINES_STOP = 2
+
+
 def generate_cli(args: argparse.Namespace) -> int:
     """Load a model, generate from ``args.prompt`` and write the text to stdout (token by token)."""
     from groundup.model.io import load_model, tokenizer_name
@@ -233,8 +237,12 @@ def generate_cli(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(args.prompt)
     pieces = []
+    blank_run = ""  # the whitespace generated since the last visible character
     for token in tokens:
         text = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+        blank_run = blank_run + text if not text.strip() else text[len(text.rstrip()) :]
+        if blank_run.count("\n") > BLANK_LINES_STOP:
+            break  # a small model that only emits blank lines has nothing more to say
         if args.no_stream:
             pieces.append(text)
         else:
