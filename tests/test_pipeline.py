@@ -129,7 +129,9 @@ def run_next_commands(result, out) -> None:
     """Every command the summary prints for the next step runs, as printed, in a shell of this directory."""
     commands = [line[13:].split("    (")[0] for line in next_commands(result, out) if "--output-dir" in line]
     assert len(commands) == 3 and any(" lineage " in c for c in commands) and commands[-1].endswith(f"ui --stop --output-dir {out}")
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    # As in a user's shell: not the test harness's Prefect API, home or database.
+    harness = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k not in harness}
     for line in commands:
         done = subprocess.run(line, shell=True, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
