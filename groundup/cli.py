@@ -107,7 +107,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     servers = serving.start_ui(args.output_dir)
     for server in servers.values():
         print(f"{server.name:8} {server.url}   pid {server.pid}, log {server.log}")
-    print(f"runs with --output-dir {args.output_dir} now report to these servers; stop them: groundup ui --stop")
+    from groundup.report import command
+
+    stop = f"{command()} ui --stop --output-dir {args.output_dir}"
+    print(f"runs with --output-dir {args.output_dir} now report to these servers; stop them: {stop}")
     return 0
 
 
@@ -117,12 +120,13 @@ def _deployments(args: argparse.Namespace, pool: bool = False):
 
     from groundup import serving
     from groundup.config import local_sources
+    from groundup.report import command
 
     overrides = [*(local_sources(args.sources_dir) if args.sources_dir else []), *args.set]
     if "PREFECT_API_URL" not in os.environ and "prefect" not in serving.running_servers(args.output_dir):
         print("no Prefect server yet: starting `groundup ui` ...", flush=True)
         for server in serving.start_ui(args.output_dir).values():
-            print(f"{server.name:8} {server.url}   (stop: groundup ui --stop)")
+            print(f"{server.name:8} {server.url}   (stop: {command()} ui --stop --output-dir {args.output_dir})")
     _prepare(args)
     from groundup.flows.deployments import build_all
 
@@ -144,7 +148,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     deploy_all(deployments, args.pool)
     for deployment in deployments:
         print(f"registered {deployment.flow_name}/{deployment.name} for work pool {args.pool}")
-    print(f"start a worker to run them: prefect worker start --pool {args.pool}")
+    from groundup.report import command
+
+    print(f"start a worker to run them: {command('prefect')} worker start --pool {args.pool}")
     return 0
 
 

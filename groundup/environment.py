@@ -72,11 +72,12 @@ def use_prefect_server(out: Path) -> None:
     if os.environ.get("PREFECT_API_URL") or mode == "ephemeral":
         return
     from groundup import serving
+    from groundup.report import command
 
     if "prefect" not in serving.running_servers(out):
         print(
             f"groundup: starting a Prefect server for {out} in the background; later commands reuse it "
-            "(stop it: groundup ui --stop) ...",
+            f"(stop it: {command()} ui --stop --output-dir {out}) ...",
             file=sys.stderr,
             flush=True,
         )
