@@ -90,11 +90,13 @@ def use_prefect_server(out: Path) -> None:
 
 
 class _WithoutTraceback(logging.Filter):
-    """Drops the traceback from a flow or task run's log record of a :class:`GroundupError`: its message
+    """Drops the traceback from a flow or task run's log record of one of our errors (a
+    :class:`GroundupError`, or a module's own error class the CLI also prints as one line): its message
     already names the input and the fix, and Prefect would print 40-80 lines of engine frames above it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], GroundupError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, GroundupError) or type(error).__module__.startswith("groundup."):
             record.exc_info = record.exc_text = None
         return True
 
