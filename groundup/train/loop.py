@@ -404,9 +404,7 @@ class _Trainer:
             lr=self.optimizer.param_groups[0]["lr"],
         )
         p.evals.append(point)
-        # After an epoch's last step the counter already names the next epoch, which has not begun.
-        shown_epoch = p.epoch + 1 if p.batch or p.epoch == 0 else p.epoch
-        log.info("Ep %d (Step %06d): Train loss %.3f, Val loss %.3f", shown_epoch, p.step, train_loss, val_loss)
+        log.info("Ep %d (Step %06d): Train loss %.3f, Val loss %.3f", point.epoch_number, p.step, train_loss, val_loss)
         if self.hooks.on_eval and self.fabric.is_global_zero:
             self.hooks.on_eval(point)
         return point

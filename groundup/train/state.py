@@ -17,6 +17,7 @@ intact and pointed to. ``final/`` appears the same way (one rename), so its pres
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -47,6 +48,11 @@ class EvalPoint:
     train_loss: float
     val_loss: float
     lr: float
+
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based epoch the evaluation falls in; at 4.0, the end of the fourth epoch, that is 4, not 5."""
+        return max(1, math.ceil(self.epoch))
 
 
 @dataclass
