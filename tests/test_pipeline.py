@@ -156,7 +156,6 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     assert re.search(r"\n  pretrain +Completed\n", report) and "promotion    " in report
     assert re.search(r"\n  evaluate_mc_base_model +skipped: mc_eval.enabled is false", report)
     assert f"finetuned {result['judge']['metrics']['judge.finetuned_model.mean']:.1f}" in report
-    run_next_commands(result, out)
 
     # One parent run; every stage's run nests under it.
     client = tracking.client()
@@ -203,6 +202,9 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     assert state.is_completed(), state.message
     assert {n for n, s in states.items() if s != "Cached"} == ALWAYS | {"tokenize_to_parquet", "pretrain"}
     assert state.result()["pretrain"]["model_version"] != result["pretrain"]["model_version"]
+
+    # Last, as they start servers of their own: the next steps the first run's summary printed.
+    run_next_commands(result, out)
 
 
 # ---------------------------------------------------------------------------------------------------------
