@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         ("background, first command: starts and records the server", first),
         ("background, second and later commands: reuse it", min(later)),
     ]
-    print("| `groundup data` on the-verdict | seconds (best of %d) | vs reference |" % args.repeat)
+    print(f"| `groundup data` on the-verdict | seconds (best of {args.repeat}) | vs reference |")
     print("| --- | ---: | ---: |")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.1f} | {seconds / reference:.2f}× |")

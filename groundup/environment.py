@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
-from groundup.errors import GroundupError, SettingsError, one_line
+from groundup.errors import SettingsError, one_line
 
 # Prefect's ephemeral API server needs ~25 s to start on a small machine; its default timeout is 20 s.
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -51,7 +50,6 @@ def prepare(output_dir: str | Path = "artifacts", prefect_server: bool = False) 
         os.environ.setdefault(key, value)
     if prefect_server:
         use_prefect_server(out)
-        quiet_expected_tracebacks()
     from groundup import tracking
 
     tracking.configure(out)
@@ -87,26 +85,3 @@ def use_prefect_server(out: Path) -> None:
         print(f"groundup: {one_line(exc)}; using a temporary Prefect server instead", file=sys.stderr)
         return
     os.environ["PREFECT_API_URL"] = server.url.rstrip("/") + "/api"
-
-
-class _WithoutTraceback(logging.Filter):
-    """Drops the traceback from a flow or task run's log record of one of our errors (a
-    :class:`GroundupError`, or a module's own error class the CLI also prints as one line): its message
-    already names the input and the fix, and Prefect would print 40-80 lines of engine frames above it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, GroundupError) or type(error).__module__.startswith("groundup."):
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def quiet_expected_tracebacks() -> None:
-    """Install :class:`_WithoutTraceback` on Prefect's run loggers (after Prefect configured its logging,
-    which importing it does). Unexpected errors keep their tracebacks."""
-    import prefect  # noqa: F401  (configures Prefect's logging, which would otherwise come later)
-
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _WithoutTraceback) for f in logger.filters):
-            logger.addFilter(_WithoutTraceback())

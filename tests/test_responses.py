@@ -94,7 +94,7 @@ def test_responses_of_both_backends_match_their_own_generation(
 
     # our GPT: the plain generate() loop on each prompt's token ids gives the stored responses
     from groundup.model.generate import generate
-    from groundup.model.io import load_model
+    from groundup.model.loading import load_model
     from groundup.text.tokenizers import get_tokenizer
 
     model, tokenizer = load_model(tiny_gpt), get_tokenizer("gpt2")

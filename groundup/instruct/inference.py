@@ -15,7 +15,6 @@ The response stage, the judge and the multiple-choice evaluation all use this mo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -26,12 +25,14 @@ from typing import Any
 
 import torch
 
+from groundup import devices
+from groundup.errors import ModelError
 from groundup.files import sha256_tree
 
 LITGPT_FILES = ("lit_model.pth", "model_config.yaml")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ModelError):
     """A model reference that names no usable model, or settings the machine cannot honour."""
 
 
@@ -145,35 +146,6 @@ def inference_precision(accelerator: str) -> str:
     return get_default_supported_precision(training=False)
 
 
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator != "auto":
-        if accelerator == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("accelerator 'cuda' requested, but torch sees no CUDA device")
-        if accelerator == "mps" and not torch.backends.mps.is_available():
-            raise ModelLoadError("accelerator 'mps' requested, but torch sees no MPS device")
-        return accelerator
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_quantization(quantize: str | None, accelerator: str) -> None:
-    """bitsandbytes 4-bit runs on CUDA only; say so before loading gigabytes of weights."""
-    if quantize is None:
-        return
-    if accelerator != "cuda":
-        raise ModelLoadError(
-            f"quantize={quantize!r} needs a CUDA GPU (bitsandbytes), but the accelerator is {accelerator!r}; "
-            "set quantize to null"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            f"quantize={quantize!r} needs the bitsandbytes package: pip install bitsandbytes"
-        )
-
-
 def _stop_tokens(prompt_style: Any, tokenizer: Any) -> tuple[list[int], ...]:
     """The style's stop sequences; a chat template applied to a model whose vocabulary lacks the template's
     end-of-turn token (a test model under the Llama 3 template) still stops at end-of-text."""
@@ -197,8 +169,8 @@ class LitGPTModel(CausalLM):
         checkpoint's own (``prompt_style.yaml``, else LitGPT's choice by model name)."""
         from litgpt import LLM
 
-        accelerator = resolve_accelerator(accelerator)
-        check_quantization(quantize, accelerator)
+        accelerator = devices.resolve_accelerator(accelerator)
+        devices.check_quantization(quantize, accelerator)
         precision = inference_precision(accelerator)  # "-true" precisions, which bitsandbytes needs
         path = Path(model)
         self.model_id = str(path.resolve()) if path.is_dir() else str(model)
@@ -284,12 +256,13 @@ class LitGPTModel(CausalLM):
 
 class GroundupModel(CausalLM):
     def __init__(self, directory: str | Path, *, accelerator: str = "auto") -> None:
-        from groundup.model.io import load_model, tokenizer_name
+        from groundup.model.io import tokenizer_name
+        from groundup.model.loading import load_model
         from groundup.text.tokenizers import get_tokenizer
 
         directory = Path(directory).resolve()
         self.model_id = str(directory)
-        self._device = torch.device(resolve_accelerator(accelerator))
+        self._device = devices.torch_device(accelerator)
         self.model = load_model(directory, self._device)
         self.tokenizer = get_tokenizer(tokenizer_name(directory))
 

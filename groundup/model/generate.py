@@ -10,18 +10,16 @@ loop computes. That keeps greedy output identical with and without the cache at 
 
 from __future__ import annotations
 
-import argparse
-import codecs
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from groundup.errors import SettingsError
 
-class GenerationError(ValueError):
-    """Bad generation arguments or a model reference that cannot be resolved."""
+
+class GenerationError(SettingsError):
+    """Bad generation arguments (temperature, top-k, top-p, a context size the model cannot take)."""
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
@@ -182,72 +180,16 @@ def generate(
     return torch.cat([idx, *new], dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# `groundup generate`
-# ---------------------------------------------------------------------------------------------------------
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_model_directory(ref: str, output_dir: str | Path) -> Path:
-    """A model directory as given, else a registered model (``name``, ``name/3``, ``name@alias``)."""
-    path = Path(ref)
-    if path.is_dir():
-        return path
-    from groundup import environment
-
-    environment.prepare(output_dir)
-    from groundup import tracking
-
-    try:
-        return tracking.model_directory(ref)
-    except LookupError as exc:
-        raise GenerationError(
-            f"model {ref!r} is neither a checkpoint directory nor a registered model in "
-            f"{tracking.default_tracking_uri(output_dir)} ({exc})"
-        ) from None
-
-
 # `groundup generate` stops after this many blank lines in a row (an undertrained model's favourite output).
 BLANK_LINES_STOP = 2
 
 
-def generate_cli(args: argparse.Namespace) -> int:
-    """Load a model, generate from ``args.prompt`` and write the text to stdout (token by token)."""
-    from groundup.model.io import load_model, tokenizer_name
-    from groundup.text.tokenizers import get_tokenizer, text_to_token_ids
-
-    directory = resolve_model_directory(args.model, args.output_dir)
-    device = default_device()
-    model = load_model(directory, device)
-    tokenizer = get_tokenizer(tokenizer_name(directory))
-    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
-    tokens = stream(
-        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eos_id=tokenizer.eot_token, use_cache=not args.no_kv_cache, seed=args.seed,
-    )
-    # A BPE token can end inside a multi-byte character: decode bytes incrementally.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out = sys.stdout
-    out.write(args.prompt)
-    pieces = []
+def until_blank_lines(pieces: Iterable[str], limit: int = BLANK_LINES_STOP) -> Iterator[str]:
+    """The decoded pieces of a generation, ending before the whitespace after the last visible character
+    holds more than ``limit`` blank lines: a small model that only emits blank lines has nothing more to say."""
     blank_run = ""  # the whitespace generated since the last visible character
-    for token in tokens:
-        text = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+    for text in pieces:
         blank_run = blank_run + text if not text.strip() else text[len(text.rstrip()) :]
-        if blank_run.count("\n") > BLANK_LINES_STOP:
-            break  # a small model that only emits blank lines has nothing more to say
-        if args.no_stream:
-            pieces.append(text)
-        else:
-            out.write(text)
-            out.flush()
-    out.write("".join(pieces) + decoder.decode(b"", final=True) + "\n")
-    out.flush()
-    return 0
+        if blank_run.count("\n") > limit:
+            return
+        yield text

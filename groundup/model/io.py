@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
+from groundup.errors import ModelError
 from groundup.files import atomic_path, write_json
 from groundup.model.gpt import GPTConfig, GPTModel
 
@@ -21,7 +22,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that is missing, corrupted or does not fit the expected configuration."""
 
 
@@ -100,14 +101,3 @@ def load_checkpoint(
         raise CheckpointError(f"{directory}: checkpoint config differs from the expected one: {diff}")
     model = load_state(directory, GPTModel(cfg))
     return model.to(device).eval()
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
-    """Any model directory the pipeline writes: a checkpoint, or a LoRA adapter dir (``adapter.json``)
-    whose base checkpoint it names. The one entry point for ``groundup generate`` and the response stage."""
-    path = Path(path)
-    if (path / "adapter.json").is_file():
-        from groundup.model.lora import load_adapted_model
-
-        return load_adapted_model(path, device)
-    return load_checkpoint(path, device)
