@@ -52,7 +52,11 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check groundup tests bench
 
+<<<<<<< HEAD
 BENCHES := tokenize train generate load_weights finetune responses pipeline startup
+=======
+BENCHES := tokenize train generate load_weights finetune responses pipeline peers
+>>>>>>> main
 
 bench: $(TEST_STAMP)
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done

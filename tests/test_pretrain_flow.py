@@ -225,5 +225,5 @@ def test_cli_pretrains_and_generates_from_the_registered_model(
     text = capsys.readouterr().out
     assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you\n")
 
-    assert main(["pretrain", "--profile", "quickstart", "--output-dir", out, "--set", "model.preset=nope"]) == 1
+    assert main(["pretrain", "--profile", "quickstart", "--output-dir", out, "--set", "model.preset=nope"]) == 2  # a settings error
     assert "unknown model preset 'nope'" in capsys.readouterr().err

@@ -8,8 +8,9 @@ Two backends:
 - :class:`GroundupModel`: our GPT checkpoints and LoRA adapter directories (``model.io.load_model``), with
   ``model.generate`` and the GPT-2 BPE.
 
-Neither backend can pad a batch (no attention mask for padding), so a batch is a group of prompts with the
-same token length: exact, and a real speed-up where lengths repeat. Prompts of other lengths run alone.
+Our GPT batches prompts of any lengths (right-padded; its KV cache keeps each row to its own tokens), in
+batches of similar lengths. LitGPT's token loop cannot pad a batch, so there a batch is a group of prompts
+with the same token length: exact, and a real speed-up where lengths repeat; other lengths run alone.
 The response stage, the judge and the multiple-choice evaluation all use this module.
 """
 
@@ -64,10 +65,17 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return sorted(batches, key=lambda batch: batch[0])
 
 
+def similar_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Positions sorted by length and cut into batches of ``batch_size``: little padding per batch."""
+    by_length = sorted(range(len(lengths)), key=lambda position: lengths[position])
+    return [by_length[start : start + batch_size] for start in range(0, len(by_length), batch_size)]
+
+
 class CausalLM(ABC):
     """A loaded model: text in, continuations or next-token logits out."""
 
     model_id: str
+    pads_batches = False  # whether _generate takes right-padded prompts of different lengths
 
     @property
     @abstractmethod
@@ -93,9 +101,11 @@ class CausalLM(ABC):
 
     @abstractmethod
     def _generate(
-        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int,
+        lengths: torch.Tensor | None = None,
     ) -> list[list[int]]:
-        """New token ids (end-of-text excluded) for each row of an equal-length ``(batch, tokens)`` batch."""
+        """New token ids (end-of-text excluded) for each row of a ``(batch, tokens)`` batch: equal-length
+        prompts, or right-padded ones of ``lengths`` where the backend ``pads_batches``."""
 
     def complete(
         self,
@@ -106,7 +116,8 @@ class CausalLM(ABC):
         ids: Sequence[int] | None = None,
         on_batch: Callable[[list[int], list[str]], None] | None = None,
     ) -> list[str]:
-        """The continuation of every prompt (prompt not included), batching equal-length prompts.
+        """The continuation of every prompt (prompt not included), batching prompts of similar lengths
+        (padded) where the backend can, else of equal lengths.
 
         ``ids`` are stable ids of the prompts (default: their positions). ``on_batch(ids, texts)`` is called
         after each batch, so callers can persist results as they come. A sampled batch is seeded with
@@ -115,10 +126,12 @@ class CausalLM(ABC):
         ids = list(range(len(prompts))) if ids is None else list(ids)
         encoded = [self.encode(prompt) for prompt in prompts]
         results: list[str] = [""] * len(prompts)
-        for batch in length_buckets([len(tokens) for tokens in encoded], batch_size):
-            idx = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=self.device)
+        group = similar_length_batches if self.pads_batches else length_buckets
+        for batch in group([len(tokens) for tokens in encoded], batch_size):
+            idx, lengths = _right_padded([encoded[i] for i in batch], self.eos_id, self.device)
             idx, budget = self._fit(idx, sampling.max_new_tokens)
-            new_tokens = self._generate(idx, budget, sampling, sampling.seed + ids[batch[0]])
+            padded = lengths if self.pads_batches and bool((lengths < idx.shape[1]).any()) else None
+            new_tokens = self._generate(idx, budget, sampling, sampling.seed + ids[batch[0]], padded)
             texts = [self.decode(tokens) for tokens in new_tokens]
             for position, text in zip(batch, texts, strict=True):
                 results[position] = text
@@ -130,6 +143,17 @@ class CausalLM(ABC):
         """Prompt and output budget for the context window; as given for models whose generation slides
         over the window (ours), LitGPT overrides it."""
         return idx, max_new_tokens
+
+
+def _right_padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch, longest)`` ids, each row's prompt followed by ``pad_id``, and each row's length."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    idx = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        idx[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return idx.to(device), lengths.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +238,8 @@ class LitGPTModel(CausalLM):
         return idx, max(1, min(max_new_tokens, window - idx.shape[1]))
 
     def _generate(
-        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int,
+        lengths: torch.Tensor | None = None,
     ) -> list[list[int]]:
         from litgpt.generate.base import batched_generate_fn
 
@@ -255,7 +280,10 @@ class LitGPTModel(CausalLM):
 
 
 class GroundupModel(CausalLM):
-    def __init__(self, directory: str | Path, *, accelerator: str = "auto") -> None:
+    pads_batches = True
+
+    def __init__(self, directory: str | Path, *, accelerator: str = "auto", compile: bool = False) -> None:
+        """``compile``: the one-token decoding step through ``torch.compile`` (pays off over many prompts)."""
         from groundup.model.io import tokenizer_name
         from groundup.model.loading import load_model
         from groundup.text.tokenizers import get_tokenizer
@@ -264,6 +292,7 @@ class GroundupModel(CausalLM):
         self.model_id = str(directory)
         self._device = devices.torch_device(accelerator)
         self.model = load_model(directory, self._device)
+        self.compile = compile
         self.tokenizer = get_tokenizer(tokenizer_name(directory))
 
     @property
@@ -289,7 +318,8 @@ class GroundupModel(CausalLM):
             return self.model(idx)
 
     def _generate(
-        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int,
+        lengths: torch.Tensor | None = None,
     ) -> list[list[int]]:
         from groundup.model.generate import generate
 
@@ -297,6 +327,8 @@ class GroundupModel(CausalLM):
             self.model,
             idx,
             max_new_tokens,
+            lengths=lengths,
+            compile=self.compile,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
