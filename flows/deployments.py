@@ -12,6 +12,7 @@ same settings as ``groundup run --profile P`` would.
 from __future__ import annotations
 
 import datetime
+import importlib.resources
 import inspect
 import typing
 from pathlib import Path
@@ -28,7 +29,9 @@ from prefect.schedules import Cron, Interval, Schedule
 
 from groundup.config import PipelineConfig, Settings, load_config
 
-DEPLOYMENTS_FILE = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+# deployments/prefect.yaml, shipped in the package as groundup.deployments (see pyproject's package-dir), so
+# a wheel install finds it as an editable one does.
+DEPLOYMENTS_FILE = Path(str(importlib.resources.files("groundup.deployments") / "prefect.yaml"))
 
 
 def read_declarations(path: str | Path | None = None) -> list[dict[str, Any]]:

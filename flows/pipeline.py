@@ -29,7 +29,6 @@ from groundup.config import PipelineConfig
 from groundup.errors import SettingsError
 from groundup.flows.common import StageContext, Stages, parent_run
 from groundup.instruct.engines import checked_engine
-from groundup.instruct.judge_scores import control_verdict
 from groundup.instruct.promotion import judge_refusal, score_basis
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
 from groundup.tasks.evaluate import evaluate_mc, generate_responses, judge_responses
@@ -186,48 +185,3 @@ def headline_metrics(results: dict[str, dict]) -> dict[str, float]:
     }
     metrics.update({k: v for k, v in results.get("judge", {}).get("metrics", {}).items() if k.endswith(".mean")})
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What `groundup run` prints
-# ---------------------------------------------------------------------------------------------------------
-
-
-def summary(result: dict[str, Any], output_dir: str | Path = "artifacts") -> str:
-    """A short report of a pipeline run and how to look at it in both UIs."""
-    lines = ["", "groundup pipeline", ""]
-    width = max(len(name) for name in result["stages"])
-    lines += [f"  {name:<{width}}  {state}" for name, state in result["stages"].items()]
-    pre = result["pretrain"]
-    lines += ["", f"pretrained   {pre['model_version']}: {pre['steps']} steps, val loss {pre['final_val_loss']:.3f}"]
-    if "weights" in result:
-        lines.append(f"GPT-2        {result['weights']['model_version']} ({result['weights']['checkpoint']})")
-    lines.append(f"finetuned    {result['finetune']['model_ref']} ({result['finetune']['model_dir']})")
-    judge = result.get("judge")
-    if judge:
-        m = judge["metrics"]
-        lines.append(
-            f"judge        {judge['judge']}: base {m.get('judge.base_model.mean', float('nan')):.1f}, "
-            f"finetuned {m.get(SCORE_METRIC, float('nan')):.1f} (mean of 0-100)"
-        )
-        lines.append(f"             {control_verdict(judge['summary'])}")
-    else:
-        lines.append("judge        skipped (judge.enabled is false): see the README's judge choices")
-    promotion = result["promotion"]
-    lines.append(f"promotion    {promotion['model']} -> @{', @'.join(promotion['aliases'])}: {promotion['reason']}")
-    lines += ["", f"lineage:     groundup lineage {promotion['model'].split('/')[0]}@candidate"]
-    lines += ui_hints(output_dir)
-    return "\n".join(lines)
-
-
-def ui_hints(output_dir: str | Path) -> list[str]:
-    out = Path(output_dir)
-    if os.environ.get("PREFECT_API_URL"):
-        from prefect.settings import PREFECT_UI_URL
-
-        return [f"Prefect UI:  {PREFECT_UI_URL.value()}", f"MLflow UI:   {os.environ.get('MLFLOW_TRACKING_URI')}"]
-    return [
-        f"browse both: groundup ui --output-dir {out}    (Prefect and MLflow servers on this run's data)",
-        f"  or:        PREFECT_HOME={out / 'prefect'} prefect server start",
-        f"             MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}",
-    ]

@@ -56,7 +56,7 @@ def input_file(path: str, what: str) -> str:
 def _prepare(args: argparse.Namespace) -> Path:
     from groundup import environment
 
-    return environment.prepare(args.output_dir)
+    return environment.prepare(args.output_dir, prefect_server=True)
 
 
 def _print(result) -> None:
@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import codecs
 
     from groundup import devices
-    from groundup.model.generate import stream
+    from groundup.model.generate import stream, until_blank_lines
     from groundup.model.io import tokenizer_name
     from groundup.model.loading import load_model, use_registry
     from groundup.text.tokenizers import get_tokenizer, text_to_token_ids
@@ -144,8 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(args.prompt)
     pieces = []
-    for token in tokens:
-        text = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+    for text in until_blank_lines(decoder.decode(tokenizer.decode_single_token_bytes(int(t[0, 0]))) for t in tokens):
         if args.no_stream:
             pieces.append(text)
         else:
@@ -164,10 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     (config,) = stage_settings(args, {None: PipelineConfig}, extra)
     from groundup import environment
 
-    environment.prepare(config.output_dir)
-    from groundup.flows.pipeline import pipeline, summary
+    environment.prepare(config.output_dir, prefect_server=True)
+    from groundup.flows.pipeline import pipeline
+    from groundup.report import summary
 
-    print(summary(pipeline(config=config), config.output_dir))
+    print(summary(pipeline(config=config), config, config.output_dir, args.sources_dir))
     return 0
 
 
@@ -186,7 +186,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     servers = serving.start_ui(args.output_dir)
     for server in servers.values():
         print(f"{server.name:8} {server.url}   pid {server.pid}, log {server.log}")
-    print(f"runs with --output-dir {args.output_dir} now report to these servers; stop them: groundup ui --stop")
+    from groundup.report import command
+
+    stop = f"{command()} ui --stop --output-dir {args.output_dir}"
+    print(f"runs with --output-dir {args.output_dir} now report to these servers; stop them: {stop}")
     return 0
 
 
@@ -196,12 +199,13 @@ def _deployments(args: argparse.Namespace, pool: bool = False):
 
     from groundup import serving
     from groundup.config import local_sources
+    from groundup.report import command
 
     overrides = [*(local_sources(args.sources_dir) if args.sources_dir else []), *args.set]
     if "PREFECT_API_URL" not in os.environ and "prefect" not in serving.running_servers(args.output_dir):
         print("no Prefect server yet: starting `groundup ui` ...", flush=True)
         for server in serving.start_ui(args.output_dir).values():
-            print(f"{server.name:8} {server.url}   (stop: groundup ui --stop)")
+            print(f"{server.name:8} {server.url}   (stop: {command()} ui --stop --output-dir {args.output_dir})")
     _prepare(args)
     from groundup.flows.deployments import build_all
 
@@ -226,7 +230,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     for deployment in deployments:
         print(f"registered {deployment.flow_name}/{deployment.name} for work pool {args.pool}")
     print(f"registered groundup-stage/{args.pool}: pipeline stages placed on {args.pool} (pipeline.placement)")
-    print(f"start a worker to run them: prefect worker start --pool {args.pool}")
+    from groundup.report import command
+
+    print(f"start a worker to run them: {command('prefect')} worker start --pool {args.pool}")
     return 0
 
 
@@ -347,8 +353,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    _prepare(args)
-    from groundup import serving, tracking
+    from groundup import environment, serving, tracking
+
+    environment.prepare(args.output_dir)  # MLflow only: no Prefect server needed
 
     try:
         tree = tracking.lineage(args.ref)

@@ -12,10 +12,12 @@ resumes with a Range request; the final file only appears, by rename, once its s
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.parse
@@ -36,25 +38,62 @@ USER_AGENT = "groundup/0.1 (+https://github.com/groundup)"
 
 # A body cut short surfaces from requests as ChunkedEncodingError (urllib3's IncompleteRead), which is not a
 # ConnectionError; it is the very case Range resume exists for.
-RETRYABLE = (
+NETWORK_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
     ConnectionError,
     requests.HTTPError,
 )
+# What a user can do about a source that cannot be reached, wherever it was configured.
+OFFLINE_FIX = "to work offline, run with --sources-dir DIR (files laid out as the README's offline run says)"
 
 
 class DownloadError(SourceUnreachable):
-    """A source that could not be fetched or failed its integrity checks; the message names the source."""
+    """A source that could not be fetched or failed its integrity checks; the message names the source.
 
-    # True when some URL failed for a reason that may pass (connection, timeout, 5xx), so trying again later
-    # (e.g. a Prefect task retry) makes sense; False when all failed for good (404, no such file, checksum).
-    retryable = False
+    ``transient`` is True when some URL failed for a reason that may pass (a timeout, a 5xx, a cut body), so
+    trying again later (e.g. a Prefect task retry) makes sense; False when all failed for good (a name that
+    does not resolve, a refused connection, a 4xx, no such file, a wrong checksum).
+    """
+
+    @property
+    def retryable(self) -> bool:
+        return self.transient
 
 
 class ChecksumError(DownloadError):
     pass
+
+
+def network_cause(exc: BaseException) -> tuple[str, bool]:
+    """Why a request failed, in a user's words, and whether trying again can help.
+
+    A host name that does not resolve, a refused connection, an unreachable network and a 4xx answer are
+    permanent for the length of a run: retrying them only delays the message that says what to do.
+    A timeout, a reset or cut-short connection and a 5xx answer may pass.
+    """
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:
+        return f"HTTP {status}", status >= 500
+    if isinstance(exc, requests.Timeout):
+        return "timed out", True
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:  # requests wraps urllib3's MaxRetryError, which wraps the socket's error: look at all
+        error = pending.pop()
+        if id(error) in seen or error is None:
+            continue
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror) or type(error).__name__ == "NameResolutionError":
+            return "the host name does not resolve (no network or no DNS?)", False
+        if isinstance(error, ConnectionRefusedError) or "Connection refused" in str(error):
+            return "connection refused", False
+        if isinstance(error, OSError) and error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "network unreachable (no network?)", False
+        pending += [getattr(error, "reason", None), error.__cause__, error.__context__]
+        pending += [arg for arg in getattr(error, "args", ()) if isinstance(arg, BaseException)]
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": "), True
 
 
 @dataclass(frozen=True)
@@ -171,6 +210,7 @@ def download(
     errors: list[str] = []
     checksum_failures = 0
     transient_failures = 0
+    any_remote = False
     for candidate in [url, *mirrors]:
         local = local_path(candidate)
         if local is not None:
@@ -184,6 +224,7 @@ def download(
                 errors.append(str(exc))
                 checksum_failures += isinstance(exc, ChecksumError)
                 continue
+        any_remote = True
         # A partial file from another URL may hold other bytes: only resume our own.
         if part.exists() and (not part_url.exists() or part_url.read_text() != candidate):
             part.unlink()
@@ -204,28 +245,30 @@ def download(
                 part.unlink(missing_ok=True)
                 errors.append(str(exc))
                 break
-            except RETRYABLE as exc:
-                status = getattr(getattr(exc, "response", None), "status_code", None)
-                if status is not None and 400 <= status < 500:
+            except NETWORK_ERRORS as exc:
+                cause, transient = network_cause(exc)
+                if not transient:
                     part.unlink(missing_ok=True)
-                    errors.append(f"{candidate}: HTTP {status}")
+                    errors.append(f"{candidate}: {cause}")
                     break
                 if attempt == retries:
-                    errors.append(f"{candidate}: {type(exc).__name__}: {exc} (after {retries + 1} attempts)")
+                    errors.append(f"{candidate}: {cause} (after {retries + 1} attempts)")
                     transient_failures += 1
                     break
                 delay = backoff * (2**attempt)
-                log.warning("%s: %s; retrying in %.1fs (attempt %d/%d)", candidate, exc, delay, attempt + 2, retries + 1)
+                log.warning("%s: %s; retrying in %.1fs (attempt %d/%d)", candidate, cause, delay, attempt + 2, retries + 1)
                 time.sleep(delay)
     # Nothing verified: leave no partial state behind for a source we gave up on.
     part.unlink(missing_ok=True)
     part_url.unlink(missing_ok=True)
     # Only wrong bytes everywhere is a ChecksumError; callers treat it differently from "unreachable".
-    error = (ChecksumError if checksum_failures == len(errors) else DownloadError)(
-        "could not fetch " + url + ": " + "; ".join(errors)
+    kind = ChecksumError if checksum_failures == len(errors) else DownloadError
+    # The first URL is named once; a mirror's failure keeps its own URL.
+    raise kind(
+        f"could not fetch {url}: " + "; ".join(error.removeprefix(f"{url}: ") for error in errors),
+        fix=None if kind is ChecksumError or not any_remote else OFFLINE_FIX,
+        transient=transient_failures > 0,
     )
-    error.retryable = transient_failures > 0
-    raise error
 
 
 def fetch(

@@ -1,5 +1,7 @@
 """Long-running processes: the Prefect and MLflow servers behind ``groundup ui``.
 
+``start_background_prefect`` starts the Prefect server alone, the first time a command needs Prefect, and
+later commands reuse it: each then starts in seconds instead of waiting 20-60 s for a temporary server.
 ``start_ui`` launches both servers on 127.0.0.1, each in its own process group with its log under
 ``<output_dir>/servers/``, and records their pids and URLs in ``<output_dir>/servers.json``.
 ``groundup.environment.prepare`` reads that file, so every later run (CLI, served deployment, worker on
@@ -234,6 +236,31 @@ def terminate(server: Server, grace: float = 20.0) -> bool:
                 return True
             time.sleep(0.2)
     return True
+
+
+def start_background_prefect(output_dir: str | Path = "artifacts", timeout: float = 300.0) -> tuple[Server, bool]:
+    """The Prefect server recorded for ``output_dir`` (by ``groundup ui`` or an earlier command), else a new
+    one started in the background and recorded beside the others; returns it and whether it is new.
+
+    It outlives this process on purpose (``groundup ui --stop`` ends it), so the next command connects to it
+    instead of starting Prefect's temporary server again."""
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    servers = running_servers(out)
+    if "prefect" in servers:
+        return servers["prefect"], False
+    # A port the kernel picks, not Prefect's usual 4200: another server that takes 4200 meanwhile (a second
+    # checkout's) would answer our health checks while ours fails to bind, and be recorded as ours.
+    server, process = launch_prefect(out, free_port())
+    try:
+        wait_until_healthy(server, process, timeout)
+    except BaseException:
+        terminate(server)
+        raise
+    # Re-read: another command may have recorded an MLflow server meanwhile.
+    servers = {**running_servers(out), "prefect": server}
+    write_json(state_path(out), {name: asdict(s) for name, s in servers.items()})
+    return server, True
 
 
 def stop_ui(output_dir: str | Path = "artifacts") -> list[Server]:

@@ -21,6 +21,7 @@ from typing import Any
 from prefect.context import TaskRunContext
 
 from groundup import tracking
+from groundup.errors import SourceUnreachable
 from groundup.files import sha256_file, sha256_tree
 from groundup.model import loading
 
@@ -32,6 +33,18 @@ UNKEYED = {"parent_run_id", "experiment", "tracking_uri"}
 # Parameters that say where outputs go: keyed by their path. Their contents change with every run (mlflow.db,
 # results) and may be gigabytes, so hashing them would make every call a slow cache miss.
 LOCATIONS = {"output_dir", "out_dir"}
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """A task's ``retry_condition_fn``: retry only a source that failed for a reason that may pass (a
+    timeout, a 5xx); a name that does not resolve, a refused connection or bad input fails the same way again."""
+    try:
+        state.result()
+    except SourceUnreachable as exc:
+        return exc.transient
+    except Exception:
+        return False
+    return False
 
 
 def _fingerprint(value: Any) -> Any:

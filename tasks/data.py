@@ -18,31 +18,17 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
 
 from groundup import tracking
 from groundup.config import DataConfig
-from groundup.download import DownloadError
 from groundup.files import sha256_file
-from groundup.tasks.common import content_key, progress_reporter, stage_run
+from groundup.tasks.common import content_key, progress_reporter, retry_if_transient, stage_run
 from groundup.text.corpus import fetch_text
 from groundup.text.store import read_metadata, write_tokens
 from groundup.text.tokenizers import get_tokenizer
 
 STAGE = "data"
 ARTIFACT_KEY = "data-corpus"
-
-
-def retry_if_transient(task: Any, task_run: TaskRun, state: State) -> bool:
-    """Retry a download that failed for a reason that may pass; bad input would fail the same way again."""
-    try:
-        state.result()
-    except DownloadError as exc:
-        return exc.retryable
-    except Exception:
-        return False
-    return False
 
 
 @task(name="download_text", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)

@@ -94,7 +94,7 @@ def pretrain(
         def log_eval(point: EvalPoint) -> None:
             run.log_metrics(_eval_metrics(point), step=point.step)
             logged.add(point.step)
-            logger.info(f"Ep {int(point.epoch) + 1} (Step {point.step:06d}): "
+            logger.info(f"Ep {point.epoch_number} (Step {point.step:06d}): "
                         f"Train loss {point.train_loss:.3f}, Val loss {point.val_loss:.3f}")
 
         hooks = TrainHooks(

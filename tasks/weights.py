@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from groundup import tracking
 from groundup.config import WeightsConfig
-from groundup.tasks.common import content_key_with, progress_reporter, stage_run
+from groundup.tasks.common import content_key_with, progress_reporter, retry_if_transient, stage_run
 from groundup.weights import ConvertedGPT2, prepare_gpt2
 
 STAGE = "gpt2_weights"
@@ -42,6 +42,7 @@ def _markdown_summary(result: ConvertedGPT2, model_ref: str) -> str:
     persist_result=True,
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_if_transient,
 )
 def fetch_gpt2_weights(
     config: WeightsConfig,

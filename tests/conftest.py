@@ -17,6 +17,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Each test process gets Prefect's temporary server, never a background one that would outlive the tests
+# (the tests of the background server opt in and stop it).
+os.environ.setdefault("GROUNDUP_PREFECT_SERVER", "ephemeral")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # transformers imports TensorFlow (~15 s) just to check whether it is installed, unless told not to.
 os.environ.setdefault("USE_TF", "0")

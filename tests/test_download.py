@@ -213,13 +213,32 @@ def test_persistent_server_errors_give_up_after_the_retries(file_server, payload
     assert files_under(tmp_path / "cache") == []
 
 
-def test_unreachable_url(tmp_path):
-    url = closed_port_url()
-    with pytest.raises(DownloadError, match=rf"could not fetch {url}.*after 2 attempts") as caught:
-        fetch(url, tmp_path / "cache", retries=1, **FAST)
+@pytest.mark.parametrize(
+    "url, cause",
+    [(closed_port_url(), "connection refused"), ("http://nonexistent.invalid/corpus.bin", "host name does not resolve")],
+)
+def test_a_source_that_cannot_be_reached_fails_at_once_and_says_what_to_do(url, cause, tmp_path, caplog):
+    # Permanent for the length of a run: no retry would help, so none delays the message.
+    with pytest.raises(DownloadError) as caught:
+        fetch(url, tmp_path / "cache", retries=3, backoff=5.0, timeout=5.0, progress=False)
 
-    assert caught.value.retryable
+    message = str(caught.value)
+    assert message.startswith(f"could not fetch {url}: ") and message.count(url) == 1
+    assert cause in message and "--sources-dir DIR" in message
+    assert "attempts" not in message and "retrying" not in caplog.text
+    assert not caught.value.retryable and not caught.value.transient
     assert files_under(tmp_path / "cache") == []
+
+
+def test_each_retry_is_logged_once(file_server, payload, tmp_path, caplog):
+    url = f"{file_server.url}/corpus.bin"
+    file_server.fail("corpus.bin", status=503, times=2)
+
+    with caplog.at_level("WARNING", logger="groundup.download"):
+        fetch(url, tmp_path / "cache", retries=3, **FAST)
+
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and all(f"{url}: HTTP 503; retrying" in line for line in retries)
 
 
 def test_download_truncated_on_every_attempt(file_server, payload, tmp_path):

@@ -212,3 +212,19 @@ def test_cli_names_a_model_it_cannot_find(tmp_path, mlflow_tracking, monkeypatch
         monkeypatch.delenv(key, raising=False)
     assert main(["generate", "no-such-model", "Hi", "--output-dir", str(mlflow_tracking)]) == 1
     assert "'no-such-model' is neither a checkpoint directory nor a registered model" in capsys.readouterr().err
+
+
+def test_cli_stops_after_two_blank_lines_in_a_row(tmp_path, gpt2_vocab_dir, capsys):
+    from groundup.cli import main
+
+    # A model whose every next token is "\n" (GPT-2 id 198): the final norm outputs ones, the head scores one row.
+    gpt = GPTModel(config_from_preset("gpt-tiny"))
+    with torch.no_grad():
+        gpt.final_norm.weight.zero_()
+        gpt.final_norm.bias.fill_(1.0)
+        gpt.out_head.weight.zero_()
+        gpt.out_head.weight[198] = 1.0
+    directory = save_checkpoint(gpt, tmp_path / "newlines", metadata={"tokenizer": "gpt2"})
+    for flags in ([], ["--no-stream"]):
+        assert main(["generate", str(directory), "Every effort moves you", "--max-new-tokens", "40", *flags]) == 0
+        assert capsys.readouterr().out == "Every effort moves you\n\n\n"

@@ -3,13 +3,17 @@ semantics: a failed stage fails the flow, a rerun reuses what finished, a change
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from groundup import tracking
+from groundup import serving, tracking
 from groundup.config import ConfigError, PipelineConfig, load_config, local_sources
-from groundup.flows.pipeline import check, summary
+from groundup.flows.pipeline import check
+from groundup.report import next_commands, summary
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 
 # Stages whose results are cached on content, and those that run every time by design: the download
@@ -120,6 +124,21 @@ def sources(tmp_path, verdict_path, instruction_data_path, gpt2_vocab_dir):
     )
 
 
+def run_next_commands(result, out) -> None:
+    """Every command the summary prints for the next step runs, as printed, in a shell of this directory."""
+    commands = [line[13:].split("    (")[0] for line in next_commands(result, out) if "--output-dir" in line]
+    assert len(commands) == 3 and any(" lineage " in c for c in commands) and commands[-1].endswith(f"ui --stop --output-dir {out}")
+    # As in a user's shell: not the test harness's Prefect API, home or database.
+    harness = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k not in harness}
+    for line in commands:
+        done = subprocess.run(line, shell=True, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
+        if " lineage " in line:
+            assert result["finetune"]["model_ref"] in done.stdout
+    assert serving.running_servers(out) == {}  # the last one printed stopped what the one before started
+
+
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     sources, judge, tmp_path, mlflow_tracking, prefect_harness
@@ -132,10 +151,10 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     result = state.result()
     assert set(states) == CACHED | ALWAYS and set(states.values()) == {"Completed"}
     assert result["stages"] == states
-    report = summary(result, out)
-    assert "pretrain             Completed" in report and "promotion    " in report
+    report = summary(result, config, out, str(sources))
+    assert re.search(r"\n  pretrain +Completed\n", report) and "promotion    " in report
+    assert re.search(r"\n  evaluate_mc_base_model +skipped: mc_eval.enabled is false", report)
     assert f"finetuned {result['judge']['metrics']['judge.finetuned_model.mean']:.1f}" in report
-    assert f"groundup ui --output-dir {out}" in report
 
     # One parent run; every stage's run nests under it.
     client = tracking.client()
@@ -183,6 +202,9 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     assert {n for n, s in states.items() if s != "Cached"} == ALWAYS | {"tokenize_to_parquet", "pretrain"}
     assert state.result()["pretrain"]["model_version"] != result["pretrain"]["model_version"]
 
+    # Last, as they start servers of their own: the next steps the first run's summary printed.
+    run_next_commands(result, out)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # deployments/prefect.yaml, as `groundup serve` and `groundup deploy` build it (no server needed)
@@ -218,6 +240,21 @@ def test_every_declared_deployment_builds_with_profile_settings_and_schedules(tm
     assert pipeline.work_queue_name is None
     pooled = build_all(profile="quickstart", pool=True)[0]
     assert pooled.work_queue_name == "default"
+
+
+def test_the_offline_summary_lists_every_stage_with_why_the_skipped_ones_did_not_run(tmp_path):
+    from groundup.report import stage_lines
+
+    _touch(tmp_path / "the-verdict.txt"), _touch(tmp_path / "instruction-data.json")
+    config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
+    ran = ["download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "split_instructions", "finetune",
+           "generate_responses", "promote"]  # fmt: skip
+    lines = stage_lines({"stages": dict.fromkeys(ran, "Completed")}, config, str(tmp_path))
+    assert [line.split()[0] for line in lines] == [*ran[:4], "fetch_gpt2_weights", *ran[4:7],
+        "evaluate_mc_base_model", "evaluate_mc_finetuned_model", "judge_responses", "promote"]  # fmt: skip
+    skipped = {line.split()[0]: line.split(None, 1)[1] for line in lines if "skipped" in line}
+    assert skipped["fetch_gpt2_weights"].startswith("skipped: no gpt2/ in --sources-dir")
+    assert skipped["judge_responses"].startswith("skipped: no judge/ in --sources-dir")
 
 
 def test_a_missing_deployments_file_is_named(tmp_path):

@@ -130,7 +130,8 @@ def test_runtime_defaults_and_an_absent_accelerator():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_loss_falls_and_a_finished_run_is_not_trained_again(tmp_path):
+def test_loss_falls_and_a_finished_run_is_not_trained_again(tmp_path, caplog):
+    caplog.set_level("INFO", logger="groundup.train.loop")
     samples = []
     evals = []
     config = settings()
@@ -145,6 +146,10 @@ def test_loss_falls_and_a_finished_run_is_not_trained_again(tmp_path):
     assert (p.step, p.tokens_seen, p.finished) == (48, 48 * 4 * 16, True)
     assert [s["epoch"] for s in samples] == [1, 2, 3] and p.samples == samples
     assert [e.step for e in evals] == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 48]
+    # The final evaluation belongs to the last of the 3 epochs, not to a 4th.
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ep ") and "loss" in r.getMessage()]
+    assert logged[0].startswith("Ep 1 (Step 000001)") and logged[-1].startswith("Ep 3 (Step 000048)")
+    assert [e.epoch_number for e in evals] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3]
     assert evals[-1].val_loss < evals[0].val_loss - 1.0 and evals[-1].train_loss < evals[0].train_loss - 1.0
     assert sorted(path.name for path in result.checkpoint.iterdir()) == [
         "config.json", "model.safetensors", "progress.json"

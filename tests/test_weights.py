@@ -4,6 +4,7 @@ bad input, and the task/flow/CLI with Prefect and MLflow. OpenAI's TensorFlow fo
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from groundup.model.io import read_metadata
 from groundup.weights import WeightsError, prepare_gpt2
 from groundup.weights.convert import check_shapes, model_name, size_of, source_shapes
 from groundup.weights.fetch import fetch_huggingface, fetch_openai, local_checkpoint
+from groundup.weights.huggingface import HubUnreachable
 from groundup.weights.openai_tf import canonical_name, read_openai_weights
 from tests.gpt2_fixtures import HUB_COMMIT, assert_reproduces, publish_hf, save_hf, tiny_gpt2
 
@@ -200,9 +202,16 @@ def test_corrupted_hub_cache_is_reported_then_fetched_again(reference, hub_files
     assert_reproduces(reference, again.checkpoint)
 
 
-def test_hub_errors_name_the_repository_and_file(file_server, hub_online, tmp_path, monkeypatch):
+def test_hub_errors_name_the_repository_and_file(file_server, hub_online, tmp_path, monkeypatch, caplog):
     with pytest.raises(WeightsError, match=r"openai-community/gpt2-medium/config.json on http://127.*did not serve it.*404"):
         fetch_huggingface("355M", tmp_path, endpoint=file_server.url)
+    # Nothing listens there: permanent, so no retry delays the message, which says what to do instead.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(HubUnreachable, match=r"connection refused.*--sources-dir DIR.*HF_HUB_OFFLINE=1.*HF_ENDPOINT") as caught:
+        fetch_huggingface("124M", tmp_path, endpoint=dead)
+    assert not caught.value.transient and "retrying" not in caplog.text
     set_hub_offline(monkeypatch, True)
     with pytest.raises(WeightsError, match=r"not in the local cache, and offline mode is on \(HF_HUB_OFFLINE=1\)"):
         fetch_huggingface("124M", tmp_path, endpoint=file_server.url)

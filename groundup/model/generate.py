@@ -11,7 +11,7 @@ loop computes. That keeps greedy output identical with and without the cache at 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -249,3 +249,18 @@ def generate(
         )
     )
     return torch.cat([idx, *new], dim=1)
+
+
+# `groundup generate` stops after this many blank lines in a row (an undertrained model's favourite output).
+BLANK_LINES_STOP = 2
+
+
+def until_blank_lines(pieces: Iterable[str], limit: int = BLANK_LINES_STOP) -> Iterator[str]:
+    """The decoded pieces of a generation, ending before the whitespace after the last visible character
+    holds more than ``limit`` blank lines: a small model that only emits blank lines has nothing more to say."""
+    blank_run = ""  # the whitespace generated since the last visible character
+    for text in pieces:
+        blank_run = blank_run + text if not text.strip() else text[len(text.rstrip()) :]
+        if blank_run.count("\n") > limit:
+            return
+        yield text

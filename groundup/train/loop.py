@@ -386,7 +386,7 @@ class _Trainer:
             lr=self.optimizer.param_groups[0]["lr"],
         )
         p.evals.append(point)
-        log.info("Ep %d (Step %06d): Train loss %.3f, Val loss %.3f", p.epoch + 1, p.step, train_loss, val_loss)
+        log.info("Ep %d (Step %06d): Train loss %.3f, Val loss %.3f", point.epoch_number, p.step, train_loss, val_loss)
         if self.hooks.on_eval and self.fabric.is_global_zero:
             self.hooks.on_eval(point)
         return point

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -54,6 +55,11 @@ class EvalPoint:
     train_loss: float
     val_loss: float
     lr: float
+
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based epoch the evaluation falls in; at 4.0, the end of the fourth epoch, that is 4, not 5."""
+        return max(1, math.ceil(self.epoch))
 
 
 @dataclass

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 import torch
 from safetensors import SafetensorError, safe_open
 
-from groundup.download import ChecksumError
+from groundup.download import ChecksumError, network_cause
+from groundup.errors import SourceUnreachable
 from groundup.files import sha256_file
 from groundup.model.gpt import GPTConfig
 from groundup.weights.convert import check_shapes, gpt2_config
@@ -56,6 +58,17 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger(__name__)
 
 
+# What a user can do when the hub cannot be reached (the offline run, the hub cache, a mirror).
+HUB_FIX = (
+    "to work offline, run with --sources-dir DIR holding a GPT-2 checkpoint in DIR/gpt2, or set HF_HUB_OFFLINE=1 "
+    "with the files in the hub cache; or use a mirror (weights.hf_endpoint or HF_ENDPOINT)"
+)
+
+
+class HubUnreachable(SourceUnreachable, WeightsError):
+    """The hub could not be reached, or served nothing, for a file that is not in the local cache."""
+
+
 def _hub_error(repo_id: str, name: str, endpoint: str | None, exc: Exception) -> WeightsError:
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -67,15 +80,19 @@ def _hub_error(repo_id: str, name: str, endpoint: str | None, exc: Exception) ->
     )
 
     where = f"{repo_id}/{name} on {endpoint or 'the Hugging Face Hub'}"
-    if isinstance(exc, LocalEntryNotFoundError):
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
         # The hub client falls back to its cache on any failed request; the request's failure is the cause.
-        cause = exc.__cause__
+        cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) else exc
         if cause is None or isinstance(cause, OfflineModeIsEnabled):
             why = "not in the local cache, and offline mode is on (HF_HUB_OFFLINE=1)"
-        else:
-            first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-            why = f"not in the local cache, and the hub did not serve it ({type(cause).__name__}: {first_line})"
-    elif isinstance(exc, GatedRepoError):
+            return HubUnreachable(f"could not fetch {where}: {why}", fix=HUB_FIX.split("; or ")[0])
+        why, transient = network_cause(cause)
+        return HubUnreachable(
+            f"could not fetch {where}: not in the local cache, and the hub did not serve it ({why})",
+            fix=HUB_FIX,
+            transient=transient,
+        )
+    if isinstance(exc, GatedRepoError):
         why = "the repository is gated: accept its terms on the hub and set HF_TOKEN"
     elif isinstance(exc, RepositoryNotFoundError):
         why = "no such repository (or it is private: set HF_TOKEN)"
@@ -83,25 +100,29 @@ def _hub_error(repo_id: str, name: str, endpoint: str | None, exc: Exception) ->
         why = "no such revision"
     elif isinstance(exc, EntryNotFoundError):
         why = "the repository has no such file"
+    elif isinstance(exc, requests.RequestException):  # the hub's HTTP errors are requests' too
+        why, transient = network_cause(exc)
+        return HubUnreachable(f"could not fetch {where}: {why}", fix=HUB_FIX, transient=transient)
     else:
         why = f"{type(exc).__name__}: {exc}"
     return WeightsError(f"could not fetch {where}: {why}")
 
 
-def _transient(exc: Exception) -> bool:
-    """A failure worth retrying: the connection, a cut-short body, a timeout or a 5xx; not a 4xx or offline."""
-    import requests
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+def _unreachable_for_good(endpoint: str | None) -> tuple[str, str] | None:
+    """The endpoint's URL and why it cannot be reached, when that will not pass (a host name that does not
+    resolve, a refused connection); else None. The hub client itself retries such failures five times over
+    ~25 s (each retry logged twice) before it says anything, so one plain request asks first."""
+    from huggingface_hub import constants
 
-    if isinstance(exc, OfflineModeIsEnabled):
-        return False
-    if isinstance(exc, LocalEntryNotFoundError):
-        # Not cached and the request failed: that request's failure decides.
-        return exc.__cause__ is not None and _transient(exc.__cause__)
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status is not None:
-        return status >= 500
-    return isinstance(exc, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError)
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = (endpoint or constants.ENDPOINT).rstrip("/")
+    try:
+        requests.head(url, timeout=10, allow_redirects=False).close()
+    except requests.RequestException as exc:
+        why, transient = network_cause(exc)
+        return None if transient else (url, why)
+    return None
 
 
 def _verified_sha256(path: Path, url: str) -> str:
@@ -134,19 +155,29 @@ def download_hf_checkpoint(
     from requests import RequestException
 
     paths: dict[str, Path] = {}
+    # Files already in the hub cache are used without the network, as the hub client would on failure.
+    unreachable = _unreachable_for_good(endpoint)
     for done, name in enumerate(HF_FILES, 1):
         for attempt in range(retries + 1):
             try:
                 paths[name] = Path(
-                    hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, endpoint=endpoint)
-                )
+                    hf_hub_download(
+                        repo_id, name, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
+                        local_files_only=unreachable is not None,
+                    )
+                )  # fmt: skip
                 break
             except (HfHubHTTPError, OfflineModeIsEnabled, RequestException, FileNotFoundError, ValueError) as exc:
-                if attempt == retries or not _transient(exc):
-                    raise _hub_error(repo_id, name, endpoint, exc) from exc
+                error = _hub_error(repo_id, name, endpoint, exc)
+                if unreachable is not None:
+                    url, why = unreachable
+                    where = f"{repo_id}/{name} on {url}"
+                    error = HubUnreachable(f"could not fetch {where}: not in the local cache, and {why}", fix=HUB_FIX)
+                if attempt == retries or not getattr(error, "transient", False):
+                    raise error from exc
                 # The hub client keeps the partial file (.incomplete) and resumes it with a Range request.
                 delay = backoff * 2**attempt
-                log.warning("%s/%s: %s; retrying in %.1fs", repo_id, name, type(exc).__name__, delay)
+                log.warning("%s; retrying in %.1fs (attempt %d/%d)", error.message, delay, attempt + 2, retries + 1)
                 time.sleep(delay)
         if on_progress:
             on_progress(done, len(HF_FILES))

@@ -1,0 +1,1 @@
+"""``prefect.yaml``, the deployment declarations, shipped as package data (``groundup.deployments``)."""
