@@ -163,11 +163,10 @@ def _headline(metrics: dict[str, float], shown: int = 6) -> str:
 
 
 def _recorded_by(experiment_id: str, digest: str, fallback: str) -> str:
-    """The run that first recorded a dataset (e.g. the data stage for the raw text): where it is listed
-    with its digest and source."""
-    found = client().search_runs(
-        [experiment_id], f"dataset.digest = '{digest[:16]}'", max_results=1, order_by=["attribute.start_time ASC"]
-    )
+    """The stage run that first recorded a dataset (e.g. the data stage for the raw text): where it is
+    listed with its digest and source. (Parent runs list every dataset of their stages: not them.)"""
+    query = f"dataset.digest = '{digest[:16]}' AND tags.`{TAG}stage` LIKE '%'"
+    found = client().search_runs([experiment_id], query, max_results=1, order_by=["attribute.start_time ASC"])
     return found[0].info.run_id if found else fallback
 
 
@@ -202,7 +201,7 @@ def describe_version(ref: str) -> str:
     if children:
         lines.append("- Derived models:")
         for child in children:
-            scores = "; ".join(f"[{ev['name']}]({run_page(exp, ev['run_id'])}) {_headline(ev['metrics'], 1)}"
+            scores = "; ".join(f"[{ev['name']}]({run_page(exp, ev['run_id'])}) {_headline(ev['metrics'], 3)}"
                                for ev in _evaluations(model_id_of(resolve_version(child))))  # fmt: skip
             lines.append(f"  - [{child}]({version_page(child)})" + (f", scored by {scores}" if scores else ""))
     if node.get("promotion"):
