@@ -79,8 +79,10 @@ def show_flow_run(page, prefect_url: str, flow_run_id: str, stages: set[str], sh
     """The finished flow run's page: state Completed, then its task runs, one per stage."""
     page.goto(f"{prefect_url}/runs/flow-run/{flow_run_id}")
     page.get_by_text("Completed").first.wait_for()
+    page.wait_for_timeout(5000)  # the run graph is drawn on a canvas, after the page has loaded
     shots(page, "prefect-flow-run")
-    page.get_by_role("tab", name="Task Runs").click()
+    page.get_by_text("Task Runs", exact=True).first.click()
+    page.get_by_text(f"({len(stages)} Completed)").first.wait_for()
     for stage in sorted(stages):
         page.get_by_text(stage, exact=True).first.wait_for()
     shots(page, "prefect-task-runs")
