@@ -73,6 +73,7 @@ def promote(
         output_dir=output_dir,
         experiment=experiment,
     ) as run:
+        run.log_model_inputs([tracking.model_id_of(version)])
         tracking.set_alias(version.name, CANDIDATE, version.version)
         champion = tracking.alias_target(version.name, CHAMPION)
         if score is None:
