@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 VIEWPORT = {"width": 1400, "height": 1000}
-UI_TIMEOUT_MS = 60_000
+UI_TIMEOUT_MS = 120_000  # a loaded 2-core machine renders slowly
 
 
 def chromium_path() -> str:
@@ -26,7 +26,7 @@ def chromium_path() -> str:
 
 
 @contextlib.contextmanager
-def browser_page() -> Iterator:
+def browser_page(failure_shots: Path | str = "browser-failure") -> Iterator:
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
@@ -34,6 +34,11 @@ def browser_page() -> Iterator:
             context = browser.new_context(viewport=VIEWPORT)
             context.set_default_timeout(UI_TIMEOUT_MS)
             yield context.new_page()
+        except BaseException:
+            for number, page in enumerate(context.pages):  # what each page showed when the test failed
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=f"{failure_shots}-{number}.png")
+            raise
         finally:
             browser.close()
 
@@ -60,19 +65,19 @@ class Shots:
 
 
 def start_from_run_form(page, prefect_url: str, deployment_id: str, field: str, value: str, shots: Shots) -> str:
-    """Open the deployment's custom-run form, set one field of its settings, submit; the new flow run's id."""
+    """Open the deployment's custom-run form, set one field of its settings, submit; the new run's name."""
     page.goto(f"{prefect_url}/deployments/deployment/{deployment_id}/run")
     label = page.get_by_text(f"{field} (Optional)", exact=True).first
     label.wait_for()
-    box = label.locator("xpath=following::textarea[1] | following::input[1]").first
-    box.fill(value)
+    label.locator("xpath=following::textarea[1] | following::input[1]").first.fill(value)
     shots(page, "prefect-run-form")
     run_name = page.get_by_text("Run Name", exact=True).first.locator("xpath=following::input[1]").input_value()
     page.get_by_role("button", name="Submit").click()
-    # Prefect shows the deployment's runs next; the new one is listed under the form's run name.
-    page.get_by_role("link", name=run_name, exact=True).first.click()
-    page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}"))
-    return page.url.rsplit("/", 1)[-1]
+    # Submitted, Prefect shows the deployment's page again, with the new run among its runs.
+    page.wait_for_url(re.compile(rf".*/deployments/deployment/{deployment_id}(\?.*)?$"))
+    page.get_by_text(run_name, exact=True).first.wait_for()
+    shots(page, "prefect-run-submitted")
+    return run_name
 
 
 def show_flow_run(page, prefect_url: str, flow_run_id: str, stages: set[str], shots: Shots) -> None:

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from tests.browser import (
     Shots,
     browser_page,
+    chromium_path,
     follow_version_chain,
     show_flow_run,
     show_model_inputs,
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "browser-test"
 TEXT = "the-verdict.txt"
 README_IMAGES = {  # screenshot step -> the README's image
+    "prefect-run-form": "prefect-run-form.png",
     "prefect-task-runs": "prefect-flow-run.png",
     "mlflow-finetuned-version": "mlflow-model-version.png",
     "mlflow-finetune-run-inputs": "mlflow-run-inputs.png",
@@ -48,38 +50,49 @@ README_IMAGES = {  # screenshot step -> the README's image
 
 
 @pytest.fixture
-def browser():
+def browser_available() -> None:
     """Chromium and Playwright first: without them the test skips before starting any server."""
-    with browser_page() as page:
-        yield page
+    pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
+    chromium_path()
 
 
 def test_pipeline_started_from_the_prefect_form_and_its_lineage_clicked_through_in_mlflow(
-    browser, servers, tmp_path, verdict_path, instruction_data_path, gpt2_vocab_dir
+    browser_available, servers, tmp_path, verdict_path, instruction_data_path, gpt2_vocab_dir
 ):
-    from tests.chat_server import ChatServer
-
     out, started = servers
-    prefect_url, mlflow_url = started["prefect"].url, started["mlflow"].url
-    api = PrefectAPI(prefect_url + "/api")
     sources = sources_dir(
         tmp_path / "sources", verdict_path, instruction_data_path, gpt2_vocab_dir, tiny_gpt2_dir(tmp_path / "hf")
     )
     shots = Shots(tmp_path / "screenshots")
+    with browser_page(shots.folder / "failure") as page:
+        walk_through(page, out, started["prefect"].url, started["mlflow"].url, sources, tmp_path, shots)
+    target = os.environ.get("GROUNDUP_SCREENSHOTS_DIR")
+    if target:
+        for shot in shots.taken:
+            step = shot.stem.split("-", 1)[1]
+            if step in README_IMAGES:
+                shutil.copyfile(shot, Path(target) / README_IMAGES[step])
+
+
+def walk_through(page, out: Path, prefect_url: str, mlflow_url: str, sources: Path, tmp_path: Path, shots: Shots) -> None:
+    from tests.chat_server import ChatServer
+
+    api = PrefectAPI(prefect_url + "/api")
     with ChatServer(judge_reply) as judge:
         # Finetuning the model pretrained in the same run: its chain leads down to the raw text.
         overrides = [*tiny_overrides(out, judge.base_url), "finetune.base=pretrained"]
         with served(out, sources, overrides, client_environment(tmp_path), tmp_path / "serve.log") as serve:
             deployment = api.deployment(PIPELINE, serve)
-            flow_run_id = start_from_run_form(browser, prefect_url, deployment["id"], "Experiment", EXPERIMENT, shots)
-            finished = api.wait(flow_run_id)
+            run_name = start_from_run_form(page, prefect_url, deployment["id"], "Experiment", EXPERIMENT, shots)
+            [flow_run] = api.call("POST", "/flow_runs/filter", {"flow_runs": {"name": {"any_": [run_name]}}})
+            finished = api.wait(flow_run["id"])
     assert finished["state_type"] == "COMPLETED", finished["state"]
     assert finished["parameters"]["config"]["experiment"] == EXPERIMENT  # the field filled in the form
-    show_flow_run(browser, prefect_url, flow_run_id, CACHED | ALWAYS, shots)
+    show_flow_run(page, prefect_url, flow_run["id"], CACHED | ALWAYS, shots)
 
     client = MlflowClient(mlflow_url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], f"tags.`groundup.flow_run_id` = '{flow_run_id}'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`groundup.flow_run_id` = '{flow_run['id']}'")
     pipeline_run = next(r for r in runs if r.data.tags["mlflow.runName"] == "groundup-pipeline")
     stages = {r.data.tags.get("groundup.stage"): r for r in runs}
     base = pipeline_run.data.tags["groundup.model.pretrain"]
@@ -88,13 +101,6 @@ def test_pipeline_started_from_the_prefect_form_and_its_lineage_clicked_through_
     text_sha256 = next(t.value for t in text_input.tags if t.key == "groundup.sha256")
 
     finetuned = pipeline_run.data.tags["groundup.model.finetune"]
-    follow_version_chain(browser, mlflow_url, finetuned, base, TEXT, text_sha256, shots)
+    follow_version_chain(page, mlflow_url, finetuned, base, TEXT, text_sha256, shots)
     finetune_run = stages["finetune_groundup"].info.run_id
-    show_model_inputs(browser, mlflow_url, experiment.experiment_id, finetune_run, base.split("/")[0], shots)
-
-    target = os.environ.get("GROUNDUP_SCREENSHOTS_DIR")
-    if target:
-        for shot in shots.taken:
-            step = shot.stem.split("-", 1)[1]
-            if step in README_IMAGES:
-                shutil.copyfile(shot, Path(target) / README_IMAGES[step])
+    show_model_inputs(page, mlflow_url, experiment.experiment_id, finetune_run, base.split("/")[0], shots)
