@@ -65,25 +65,28 @@ class Shots:
 
 
 def start_from_run_form(page, prefect_url: str, deployment_id: str, field: str, value: str, shots: Shots) -> str:
-    """Open the deployment's custom-run form, set one field of its settings, submit; the new run's name."""
+    """Open the deployment's custom-run form, set one field of its settings, submit, and follow the
+    confirmation's "View run" to the new flow run; returns its id."""
     page.goto(f"{prefect_url}/deployments/deployment/{deployment_id}/run")
     label = page.get_by_text(f"{field} (Optional)", exact=True).first
     label.wait_for()
     label.locator("xpath=following::textarea[1] | following::input[1]").first.fill(value)
     shots(page, "prefect-run-form")
-    run_name = page.get_by_text("Run Name", exact=True).first.locator("xpath=following::input[1]").input_value()
     page.get_by_role("button", name="Submit").click()
-    # Submitted, Prefect shows the deployment's page again, with the new run among its runs.
-    page.wait_for_url(re.compile(rf".*/deployments/deployment/{deployment_id}(\?.*)?$"))
-    page.get_by_text(run_name, exact=True).first.wait_for()
-    shots(page, "prefect-run-submitted")
-    return run_name
+    # The confirmation toast's button (its container catches pointer events while it slides in).
+    page.get_by_role("button", name="View run").first.dispatch_event("click")
+    page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}$"))
+    shots(page, "prefect-run-started")
+    return page.url.rsplit("/", 1)[-1]
 
 
 def show_flow_run(page, prefect_url: str, flow_run_id: str, stages: set[str], shots: Shots) -> None:
-    """The finished flow run's page: state Completed, then its task runs, one per stage."""
+    """The finished flow run's page: state Completed (no other end state shown), then its task runs, one
+    completed run per stage."""
     page.goto(f"{prefect_url}/runs/flow-run/{flow_run_id}")
-    page.get_by_text("Completed").first.wait_for()
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    for other in ("Cancelled", "Failed", "Crashed"):
+        assert page.get_by_text(other, exact=True).count() == 0, f"the flow run page shows {other}"
     page.wait_for_timeout(5000)  # the run graph is drawn on a canvas, after the page has loaded
     shots(page, "prefect-flow-run")
     page.get_by_text("Task Runs", exact=True).first.click()

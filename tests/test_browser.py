@@ -83,16 +83,16 @@ def walk_through(page, out: Path, prefect_url: str, mlflow_url: str, sources: Pa
         overrides = [*tiny_overrides(out, judge.base_url), "finetune.base=pretrained"]
         with served(out, sources, overrides, client_environment(tmp_path), tmp_path / "serve.log") as serve:
             deployment = api.deployment(PIPELINE, serve)
-            run_name = start_from_run_form(page, prefect_url, deployment["id"], "Experiment", EXPERIMENT, shots)
-            [flow_run] = api.call("POST", "/flow_runs/filter", {"flow_runs": {"name": {"any_": [run_name]}}})
-            finished = api.wait(flow_run["id"])
-    assert finished["state_type"] == "COMPLETED", finished["state"]
-    assert finished["parameters"]["config"]["experiment"] == EXPERIMENT  # the field filled in the form
-    show_flow_run(page, prefect_url, flow_run["id"], CACHED | ALWAYS, shots)
+            flow_run_id = start_from_run_form(page, prefect_url, deployment["id"], "Experiment", EXPERIMENT, shots)
+            finished = api.wait(flow_run_id)
+            assert finished["state_type"] == "COMPLETED", finished["state"]
+            assert finished["parameters"]["config"]["experiment"] == EXPERIMENT  # the field filled in the form
+            # While the serving process lives: stopping it marks the runs it still holds as cancelled.
+            show_flow_run(page, prefect_url, flow_run_id, CACHED | ALWAYS, shots)
 
     client = MlflowClient(mlflow_url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], f"tags.`groundup.flow_run_id` = '{flow_run['id']}'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`groundup.flow_run_id` = '{flow_run_id}'")
     pipeline_run = next(r for r in runs if r.data.tags["mlflow.runName"] == "groundup-pipeline")
     stages = {r.data.tags.get("groundup.stage"): r for r in runs}
     base = pipeline_run.data.tags["groundup.model.pretrain"]

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from groundup.tracking.registry import (
     DATASET_TAG,
     PARENT_TAG,
+    RECORDED_BY_INPUT_TAG,
     model_id_of,
     resolve_version,
     version_of_model,
@@ -51,16 +52,18 @@ def model_page(experiment_id: str, model_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _datasets(run: Any, version_tags: dict[str, str]) -> dict[str, str]:
-    """Dataset name -> sha256: the run's dataset inputs, plus those no run recorded (version tags)."""
-    found = {}
+def _datasets(run: Any, version_tags: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Dataset name -> sha256 (the run's dataset inputs, plus those no run recorded: version tags), and
+    name -> the run that recorded it (this one, or the one an input was taken over from)."""
+    digests, recorded_by = {}, {}
     for entry in run.inputs.dataset_inputs if run else []:
-        full = next((t.value for t in entry.tags if t.key == SHA256_INPUT_TAG), entry.dataset.digest)
-        found[entry.dataset.name] = full
+        tags = {t.key: t.value for t in entry.tags}
+        digests[entry.dataset.name] = tags.get(SHA256_INPUT_TAG, entry.dataset.digest)
+        recorded_by[entry.dataset.name] = tags.get(RECORDED_BY_INPUT_TAG, run.info.run_id)
     for key, digest in version_tags.items():
-        if key.startswith(DATASET_TAG) and digest not in found.values():
-            found[key.removeprefix(DATASET_TAG)] = digest
-    return found
+        if key.startswith(DATASET_TAG) and digest not in digests.values():
+            digests[key.removeprefix(DATASET_TAG)] = digest
+    return digests, recorded_by
 
 
 def _evaluations(model_id: str | None) -> list[dict[str, Any]]:
@@ -107,6 +110,7 @@ def lineage(ref: str, depth: int = 0) -> dict[str, Any]:
     except MlflowException:
         run = None
     run_tags = run.data.tags if run else {}
+    datasets, recorded_by = _datasets(run, tags)
     node: dict[str, Any] = {
         "model": version_ref(version),
         "aliases": list(getattr(version, "aliases", []) or []),
@@ -114,7 +118,8 @@ def lineage(ref: str, depth: int = 0) -> dict[str, Any]:
         "run_id": version.run_id,
         "experiment_id": run.info.experiment_id if run else None,
         **{key: run_tags.get(TAG + key) for key in RUN_TAGS},
-        "datasets": _datasets(run, tags),
+        "datasets": datasets,
+        "dataset_runs": recorded_by,
         "evaluations": _evaluations(model_id_of(version)),
         "promotion": tags.get(PROMOTION_TAG),
         "promotion_reason": tags.get(PROMOTION_TAG + ".reason"),
@@ -162,14 +167,6 @@ def _headline(metrics: dict[str, float], shown: int = 6) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _recorded_by(experiment_id: str, digest: str, fallback: str) -> str:
-    """The stage run that first recorded a dataset (e.g. the data stage for the raw text): where it is
-    listed with its digest and source. (Parent runs list every dataset of their stages: not them.)"""
-    query = f"dataset.digest = '{digest[:16]}' AND tags.`{TAG}stage` LIKE '%'"
-    found = client().search_runs([experiment_id], query, max_results=1, order_by=["attribute.start_time ASC"])
-    return found[0].info.run_id if found else fallback
-
-
 def describe_version(ref: str) -> str:
     """Markdown for a version's description: parent, source run, flow run, datasets, evaluations, children."""
     node = lineage(ref)
@@ -192,7 +189,8 @@ def describe_version(ref: str) -> str:
     if node["datasets"]:
         lines.append("- Input datasets:")
         for name, digest in sorted(node["datasets"].items()):
-            where = f"[{name}]({run_page(exp, _recorded_by(exp, digest, node['run_id']))})" if exp else name
+            recorder = node["dataset_runs"].get(name)
+            where = f"[{name}]({run_page(exp, recorder)})" if exp and recorder else name
             lines.append(f"  - {where}: sha256 `{digest}`")
     if node["evaluations"]:
         lines.append("- Evaluated by:")

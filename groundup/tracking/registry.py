@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import DatasetInput, LoggedModelOutput
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput
 from mlflow.entities.logged_model_status import LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from groundup.tracking.runs import SHA256_INPUT_TAG, TAG, TrackedRun, client, flatten
+
+# On a dataset input taken over from another run (the raw text behind the tokens): that run's id.
+RECORDED_BY_INPUT_TAG = TAG + "recorded_by"
 
 PARENT_TAG = TAG + "parent"
 DATASET_TAG = TAG + "dataset."
@@ -124,11 +127,14 @@ def _adopt_datasets(run: TrackedRun, datasets: Mapping[str, str]) -> dict[str, s
     for name, digest in datasets.items():
         if digest in have or digest[:16] in have:
             continue
-        found = c.search_runs([run.experiment_id], f"dataset.digest = '{digest[:16]}'", max_results=1,
-                              order_by=["attribute.start_time ASC"])  # fmt: skip
-        recorded = [i for r in found for i in r.inputs.dataset_inputs if i.dataset.digest == digest[:16]]
+        # Stage runs only: parent runs list every dataset of their stages.
+        query = f"dataset.digest = '{digest[:16]}' AND tags.`{TAG}stage` LIKE '%'"
+        found = [r for r in c.search_runs([run.experiment_id], query) if r.info.run_id != run.run_id]
+        recorded = [(r.info.run_id, i) for r in found for i in r.inputs.dataset_inputs if i.dataset.digest == digest[:16]]
         if recorded:
-            run.log_dataset_inputs([DatasetInput(recorded[0].dataset, recorded[0].tags)])
+            recorder, entry = recorded[-1]  # search_runs lists the newest first: the first run that recorded it
+            tags = [*entry.tags, InputTag(RECORDED_BY_INPUT_TAG, recorder)]
+            run.log_dataset_inputs([DatasetInput(entry.dataset, tags)])
         else:
             unrecorded[name] = digest
     return unrecorded
