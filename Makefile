@@ -33,7 +33,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check groundup tests bench
 
-BENCHES := tokenize train generate load_weights finetune responses pipeline
+BENCHES := tokenize train generate load_weights finetune responses pipeline peers
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done

@@ -1,10 +1,12 @@
-"""Test-set response generation: equal-length batches against one prompt at a time, in one process.
+"""Test-set response generation: padded batches against equal-length groups and one prompt at a time.
 
 The workshop's 165 test prompts (the last 15% of the instruction data, Alpaca format) are answered greedily
 by the same model (random weights of a preset, or a groundup checkpoint given with ``--model``) through
-``groundup.instruct.inference.GroundupModel.complete``, once with ``--batch-size`` and once one by one (the
-reference). Batches hold prompts of equal token length (neither backend has padding masks), so the table
-also reports how many batches the prompts form. The answers of both runs must be identical.
+``groundup.instruct.inference.GroundupModel.complete``: one by one (the reference), in groups of equal token
+length (how batches were formed before our GPT could pad, and still are for LitGPT), in right-padded
+batches of similar lengths of ``--batch-size`` (what the response stage does now), and those with the
+compiled one-token step (``--compile``; its first call, with compilation, is an untimed warm-up). Variants
+run interleaved, ``--repeat`` times, best counts. The answers of every run must be identical.
 
     python -m bench.responses --threads 1                   # gpt-mini, 165 prompts, 24 new tokens, CPU
     python -m bench.responses --preset gpt2-small --max-new-tokens 64 --device cuda
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "instruction-data.json"
+DEFAULT_DATA = Path(os.environ.get("GROUNDUP_SHARED_DIR", ROOT.parent / "shared")) / "data" / "instruction-data.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,10 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps", "auto"])
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each variant, interleaved; best counts")
+    p.add_argument("--compile", action="store_true", help="also padded batches with the compiled step")
     return p.parse_args(argv)
 
 
-def timed(model, prompts: list[str], sampling, batch_size: int) -> tuple[float, list[str]]:
+def timed(model, prompts: list[str], sampling, batch_size: int, padded: bool, compile: bool) -> tuple[float, list[str]]:
+    model.pads_batches, model.compile = padded, compile
     start = time.perf_counter()
     answers = model.complete(prompts, sampling, batch_size=batch_size)
     return time.perf_counter() - start, answers
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from groundup.instruct.inference import GroundupModel, Sampling, length_buckets
+    from groundup.instruct.inference import GroundupModel, Sampling, length_buckets, similar_length_batches
     from groundup.instruct.prompts import format_prompt
 
     if args.threads:
@@ -68,31 +73,39 @@ def main(argv: list[str] | None = None) -> int:
             directory = save_checkpoint(GPTModel(config_from_preset(args.preset)), Path(tmp) / "model")
         model = GroundupModel(directory, accelerator=args.device)
         sampling = Sampling(max_new_tokens=args.max_new_tokens)
-        model.complete(prompts[:2], sampling)  # warm-up
-        batches = len(length_buckets([len(model.encode(p)) for p in prompts], args.batch_size))
-        runs: dict[int, list[tuple[float, list[str]]]] = {1: [], args.batch_size: []}
+        lengths = [len(model.encode(p)) for p in prompts]
+        # variant -> (batch size, padded, compiled, batches formed)
+        variants = {
+            "one prompt at a time (reference)": (1, False, False, len(prompts)),
+            f"equal-length groups of ≤{args.batch_size} (before)": (
+                args.batch_size, False, False, len(length_buckets(lengths, args.batch_size))),
+            f"padded batches of {args.batch_size}, similar lengths (now)": (
+                args.batch_size, True, False, len(similar_length_batches(lengths, args.batch_size))),
+        }
+        if args.compile:
+            variants[f"padded batches of {args.batch_size} + compiled step"] = (
+                args.batch_size, True, True, len(similar_length_batches(lengths, args.batch_size)))
+        for size, padded, compile, _ in variants.values():  # warm-up; compiles for the compiled variant
+            timed(model, prompts[: 2 * size], sampling, size, padded, compile)
+        runs: dict[str, list[tuple[float, list[str]]]] = {name: [] for name in variants}
         for _ in range(args.repeat):
-            for batch_size in runs:
-                runs[batch_size].append(timed(model, prompts, sampling, batch_size))
-        single_s, single = min(runs[1])
-        batched_s, batched = min(runs[args.batch_size])
+            for name, (size, padded, compile, _) in variants.items():
+                runs[name].append(timed(model, prompts, sampling, size, padded, compile))
+        best = {name: min(results) for name, results in runs.items()}
 
-    same = sum(a == b for a, b in zip(single, batched, strict=True))
+    reference_s, reference = next(iter(best.values()))
     name = args.model or args.preset
     print(
         f"| {name}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, {model.device} "
-        "| calls | seconds | prompts/s | ratio |"
+        "| batches | seconds | prompts/s | vs one at a time |"
     )
     print("|---|---|---|---|---|")
-    print(
-        f"| one prompt at a time (reference) | {len(prompts)} | {single_s:.1f} | {len(prompts) / single_s:.2f} | 1.00 |"
-    )
-    print(
-        f"| equal-length batches of ≤{args.batch_size} | {batches} | {batched_s:.1f} "
-        f"| {len(prompts) / batched_s:.2f} | {single_s / batched_s:.2f} |"
-    )
-    print(f"\nidentical answers: {same}/{len(prompts)}")
-    return 0 if same == len(prompts) else 1
+    for label, (seconds, _) in best.items():
+        print(f"| {label} | {variants[label][3]} | {seconds:.1f} | {len(prompts) / seconds:.2f} "
+              f"| {reference_s / seconds:.2f} |")
+    same = [sum(a == b for a, b in zip(reference, answers, strict=True)) for _, answers in best.values()]
+    print(f"\nidentical answers to the reference: {', '.join(f'{n}/{len(prompts)}' for n in same)}")
+    return 0 if all(n == len(prompts) for n in same) else 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,23 @@ from groundup.model.gpt import GPTConfig, GPTModel, config_from_preset
 from groundup.train.loop import TrainHooks, fit, lm_loss
 
 LR, WEIGHT_DECAY = 4e-4, 0.1
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) for the MFU column; --peak-tflops for other GPUs.
+BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "RTX 4090": 165}
+
+
+def training_flops_per_token(cfg: GPTConfig, context: int) -> float:
+    """PaLM's estimate: 6 per matmul weight (forward + backward; the output head included, embedding
+    lookups not) plus 12 · layers · width · context for attention scores and their weighted sum."""
+    d, layers = cfg.emb_dim, cfg.n_layers
+    matmul_weights = layers * 12 * d * d + cfg.vocab_size * d
+    return 6 * matmul_weights + 12 * layers * d * context
+
+
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    if args.peak_tflops or args.device != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
 def synchronize(device: str) -> None:
@@ -95,6 +112,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, help="untimed first steps (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="CPU: add a groundup + torch.compile row")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU column (CUDA: looked up)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.batch = args.batch or (8 if gpu else 2)
@@ -118,10 +136,15 @@ def main() -> int:
     device = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"Training throughput: {args.preset}, context {args.context}, batch {args.batch}, {args.steps} timed "
           f"steps after {args.warmup} warm-up; {device}; torch {torch.__version__}\n")
-    print("| implementation | tokens/s | vs reference |\n| --- | ---: | ---: |")
+    peak = peak_tflops(args)
+    flops = training_flops_per_token(cfg, args.context)
+    print("| implementation | tokens/s | vs reference | MFU (bf16 peak) |\n| --- | ---: | ---: | ---: |")
     base = rows[0][1]
     for name, speed in rows:
-        print(f"| {name} | {speed:,.0f} | {speed / base:.2f}x |")
+        mfu = f"{speed * flops / (peak * 1e12):.1%}" if peak else "–"
+        print(f"| {name} | {speed:,.0f} | {speed / base:.2f}x | {mfu} |")
+    print(f"\nMFU: tokens/s × {flops / 1e9:.2f} GFLOP per token (6 · matmul weights + 12 · layers · width · "
+          f"context) ÷ peak {peak or '?'} TFLOP/s")
     return 0
 
 

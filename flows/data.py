@@ -9,7 +9,7 @@ from prefect import flow
 
 from groundup import tracking
 from groundup.config import DataConfig
-from groundup.flows.common import parent_run
+from groundup.flows.common import Stages, parent_run
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
 
 
@@ -29,12 +29,11 @@ def prepare_data(
     with parent_run(
         "prepare-data", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id
     ) as run_id:
-        text = download_text(config.source, output_dir=output_dir, sha256=config.sha256)
-        args = (text["path"], config.tokenizer, config.vocab_dir, output_dir)
-        tokens = tokenize_to_parquet(*args)
-        if not Path(tokens["parquet"]).is_file():
-            # A cached result whose file was deleted since: tokenize again for real.
-            tokens = tokenize_to_parquet.with_options(refresh_cache=True)(*args)
+        stages = Stages()
+        stages.submit("download_text", download_text, config.source, output_dir=output_dir, sha256=config.sha256)
+        text = stages.result("download_text", "path")
+        stages.submit("tokenize_to_parquet", tokenize_to_parquet, text["path"], config.tokenizer, config.vocab_dir, output_dir)
+        tokens = stages.result("tokenize_to_parquet", "parquet")
         record = record_corpus(config, text, tokens, output_dir=output_dir, experiment=experiment, parent_run_id=run_id)
         print(f"{tokens['tokens']:,} tokens ({tokens['unique_tokens']:,} distinct) from {text['path']} -> {tokens['parquet']}")
         return {

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from groundup import tracking
-from groundup.config import EvaluateConfig
+from groundup.config import EvaluateConfig, GenerationConfig, JudgeConfig
 from groundup.flows.common import parent_run
 from groundup.tasks import evaluate as evaluate_tasks
 
@@ -60,3 +60,37 @@ def evaluate(
                 )
             }
         return result
+
+
+@flow(name="respond", log_prints=True)
+def respond(
+    config: GenerationConfig = GenerationConfig(),
+    test_data: str = "",
+    base_model: str = "",
+    finetuned_model: str = "",
+    output_dir: str = "artifacts",
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Only the responses of ``evaluate`` (``groundup respond``)."""
+    with parent_run("respond", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id) as run_id:
+        return evaluate_tasks.generate_responses(
+            test_data, base_model, finetuned_model, config, output_dir=output_dir, experiment=experiment,
+            parent_run_id=run_id,
+        )  # fmt: skip
+
+
+@flow(name="judge", log_prints=True)
+def judge(
+    config: JudgeConfig = JudgeConfig(),
+    responses: str = "",
+    finetuned_ref: str | None = None,
+    output_dir: str = "artifacts",
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Only the judge of ``evaluate``, on a responses file (``groundup judge``)."""
+    with parent_run("judge", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id) as run_id:
+        return evaluate_tasks.judge_responses(
+            responses, config, finetuned_ref, output_dir=output_dir, experiment=experiment, parent_run_id=run_id
+        )

@@ -18,22 +18,20 @@ finetuning resume from their last checkpoints. One MLflow parent run per flow ru
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, flow
-from prefect.futures import PrefectFuture
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from groundup import tracking
-from groundup.config import PRETRAINED_BASE, ConfigError, PipelineConfig, config_digest
-from groundup.flows.common import parent_run
-from groundup.flows.finetune import engine_task
-from groundup.instruct.lora_finetune import gpt2_size
+from groundup.config import PipelineConfig, config_digest
+from groundup.errors import SettingsError
+from groundup.flows.common import StageContext, Stages, parent_run
+from groundup.instruct.engines import checked_engine
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
 from groundup.tasks.evaluate import evaluate_mc, generate_responses, judge_responses
-from groundup.tasks.finetune import split_instructions
+from groundup.tasks.finetune import finetune, split_instructions
 from groundup.tasks.pretrain import pretrain
 from groundup.tasks.promote import promote
 from groundup.tasks.weights import fetch_gpt2_weights
@@ -42,33 +40,6 @@ from groundup.text.tokenizers import VOCAB_DIR_ENV
 FLOW_NAME = "groundup-pipeline"
 # The judge's mean score of the finetuned model: what promotion compares.
 SCORE_METRIC = "judge.finetuned_model.mean"
-
-
-@dataclass
-class Stages:
-    """The pipeline's task runs by name: submitted as soon as their inputs are known, resolved when a later
-    stage needs their results."""
-
-    calls: dict[str, tuple[Task, tuple, dict]] = field(default_factory=dict)
-    futures: dict[str, PrefectFuture] = field(default_factory=dict)
-
-    def submit(self, name: str, task: Task, *args: Any, **kwargs: Any) -> str:
-        self.calls[name] = (task, args, kwargs)
-        self.futures[name] = task.with_options(task_run_name=name).submit(*args, **kwargs)
-        return name
-
-    def result(self, name: str, output: str | None = None) -> dict[str, Any]:
-        """The stage's result; a cached one whose ``output`` path has been deleted since is computed again."""
-        value = self.futures[name].result()
-        if output and not Path(value[output]).exists():
-            task, args, kwargs = self.calls[name]
-            self.futures[name] = task.with_options(task_run_name=name, refresh_cache=True).submit(*args, **kwargs)
-            value = self.futures[name].result()
-        return value
-
-    def states(self) -> dict[str, str]:
-        """``Completed``, ``Cached`` or ``Failed`` per stage (what the summary and the tests report)."""
-        return {name: future.state.name for name, future in self.futures.items()}
 
 
 def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
@@ -80,17 +51,17 @@ def score_basis(config: PipelineConfig, judge_id: str, test_sha256: str) -> str:
 
 def check(config: PipelineConfig) -> None:
     """Settings that cannot work together, refused before any stage starts."""
-    finetune = config.finetune
-    if finetune.engine == "litgpt" and finetune.base == PRETRAINED_BASE:
-        raise ConfigError(f"finetune.base {PRETRAINED_BASE!r} is a groundup checkpoint: use finetune.engine=groundup")
-    size = gpt2_size(finetune.base) if finetune.engine == "groundup" else None
+    checked_engine(config.finetune)  # the engine, its base's kind, its settings and accelerator
+    size = config.finetune.base_model.size
     if size and not config.weights.enabled:
-        raise ConfigError(
-            f"finetune.base {finetune.base!r} needs the GPT-2 weights stage, but weights.enabled is false; "
-            f"use finetune.base={PRETRAINED_BASE} or a checkpoint directory"
+        raise SettingsError(
+            f"finetune.base {config.finetune.base!r} needs the GPT-2 weights stage, but weights.enabled is false",
+            fix="use finetune.base=pretrained or a checkpoint directory",
         )
     if size and size != config.weights.size:
-        raise ConfigError(f"finetune.base {finetune.base!r} and weights.size {config.weights.size!r} must name one GPT-2")
+        raise SettingsError(
+            f"finetune.base {config.finetune.base!r} and weights.size {config.weights.size!r} must name one GPT-2"
+        )
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
@@ -107,8 +78,7 @@ def execute(config: PipelineConfig, stages: Stages) -> dict[str, Any]:
         # The tokenizer files the data stage is given serve every stage that tokenizes (finetuning, responses).
         os.environ.setdefault(VOCAB_DIR_ENV, str(Path(config.data.vocab_dir).resolve()))
     with parent_run(FLOW_NAME, config=config, output_dir=out, experiment=config.experiment, parent_run_id=None) as run_id:
-        common = {"output_dir": out, "experiment": config.experiment, "parent_run_id": run_id}
-        results = run_stages(config, stages, out, common)
+        results = run_stages(config, stages, StageContext(out, config.experiment, run_id))
         tracked = tracking.open_run(run_id)
         tracked.set_tags({f"{tracking.TAG}stage_state.{name}": state for name, state in stages.states().items()})
         tracked.set_tags(produced_models(results))
@@ -116,22 +86,23 @@ def execute(config: PipelineConfig, stages: Stages) -> dict[str, Any]:
         return {"run_id": run_id, "stages": stages.states(), **results}
 
 
-def run_stages(config: PipelineConfig, stages: Stages, out: str, common: dict[str, Any]) -> dict[str, dict]:
+def run_stages(config: PipelineConfig, stages: Stages, context: StageContext) -> dict[str, dict]:
+    out = context.output_dir
     # Roots first, so the three branches run side by side while this thread waits on one of them at a time.
     stages.submit("download_text", download_text, config.data.source, output_dir=out, sha256=config.data.sha256)
     if config.weights.enabled:
-        stages.submit("fetch_gpt2_weights", fetch_gpt2_weights, config.weights, **common)
-    stages.submit("split_instructions", split_instructions, config.instruct, **common)
-    tokens = start_pretraining(config, stages, out, common)
+        stages.submit("fetch_gpt2_weights", fetch_gpt2_weights, config.weights, **context.kwargs)
+    stages.submit("split_instructions", split_instructions, config.instruct, **context.kwargs)
+    tokens = start_pretraining(config, stages, context)
 
     split = stages.result("split_instructions", "train")
     base = finetune_base(config, stages)
     stages.submit(
-        "finetune", engine_task(config.finetune.engine), split["train"], config.finetune,
-        val_fraction=config.instruct.val_fraction, seed=config.instruct.seed, **base, **common,
+        "finetune", finetune, split["train"], config.finetune,
+        val_fraction=config.instruct.val_fraction, seed=config.instruct.seed, **base, **context.kwargs,
     )  # fmt: skip
     finetuned = stages.result("finetune", "model_dir")
-    results = {"split": split, "finetune": finetuned, **evaluate_and_promote(config, stages, split, base, finetuned, common)}
+    results = {"split": split, "finetune": finetuned, **evaluate_and_promote(config, stages, split, base, finetuned, context)}
 
     results["data"] = {**tokens, "run_id": stages.result("record_corpus")["run_id"]}
     results["pretrain"] = stages.result("pretrain", "checkpoint")
@@ -140,15 +111,16 @@ def run_stages(config: PipelineConfig, stages: Stages, out: str, common: dict[st
     return results
 
 
-def start_pretraining(config: PipelineConfig, stages: Stages, out: str, common: dict[str, Any]) -> dict[str, Any]:
+def start_pretraining(config: PipelineConfig, stages: Stages, context: StageContext) -> dict[str, Any]:
     """Tokenize the downloaded text, then submit the corpus record and pretraining; returns the tokens."""
+    out = context.output_dir
     text = stages.result("download_text")
     stages.submit(
         "tokenize_to_parquet", tokenize_to_parquet, text["path"], config.data.tokenizer, config.data.vocab_dir, out
     )
     tokens = stages.result("tokenize_to_parquet", "parquet")
-    stages.submit("record_corpus", record_corpus, config.data, text, tokens, **common)
-    stages.submit("pretrain", pretrain, tokens["parquet"], config.pretrain, text_sha256=text["sha256"], **common)
+    stages.submit("record_corpus", record_corpus, config.data, text, tokens, **context.kwargs)
+    stages.submit("pretrain", pretrain, tokens["parquet"], config.pretrain, text_sha256=text["sha256"], **context.kwargs)
     return tokens
 
 
@@ -158,40 +130,34 @@ def evaluate_and_promote(
     split: dict[str, Any],
     base: dict[str, str],
     finetuned: dict[str, Any],
-    common: dict[str, Any],
+    context: StageContext,
 ) -> dict[str, dict]:
     """Responses of base and finetuned model, the judge (and multiple-choice benchmarks), then promotion."""
     base_model, model, ref = finetuned["base_dir"], finetuned["model_dir"], finetuned["model_ref"]
-    stages.submit("generate_responses", generate_responses, split["test"], base_model, model, config.generation, **common)
+    stages.submit("generate_responses", generate_responses, split["test"], base_model, model, config.generation, **context.kwargs)
     if config.mc_eval.enabled:
         for label, path, version in (("base_model", base_model, base.get("base_model_ref")), ("finetuned_model", model, ref)):
-            stages.submit(f"evaluate_mc_{label}", evaluate_mc, path, config.mc_eval, version, label, **common)
+            stages.submit(f"evaluate_mc_{label}", evaluate_mc, path, config.mc_eval, version, label, **context.kwargs)
     results = {"responses": stages.result("generate_responses", "responses")}
     score, basis = None, ""
     if config.judge.enabled:
         responses = results["responses"]["responses"]
-        stages.submit("judge_responses", judge_responses, responses, config.judge, ref, **common)
+        stages.submit("judge_responses", judge_responses, responses, config.judge, ref, **context.kwargs)
         results["judge"] = stages.result("judge_responses", "scores")
         score = results["judge"]["metrics"].get(SCORE_METRIC)
         basis = score_basis(config, results["judge"]["judge"], split["test_sha256"])
-    stages.submit("promote", promote, ref, score, basis, **common)
+    stages.submit("promote", promote, ref, score, basis, **context.kwargs)
     results["promotion"] = stages.result("promote")
     results.update({name: stages.result(name) for name in stages.futures if name.startswith("evaluate_mc_")})
     return results
 
 
 def finetune_base(config: PipelineConfig, stages: Stages) -> dict[str, str]:
-    """The base checkpoint of the groundup engine and its registered version (the lineage parent): GPT-2
-    from the weights stage or the model pretrained in this run. Empty when the engine finds the base itself
-    (a directory, or a LitGPT hub id)."""
-    base = config.finetune.base
-    if config.finetune.engine != "groundup":
-        return {}
-    if base == PRETRAINED_BASE:
-        stage = "pretrain"
-    elif gpt2_size(base):
-        stage = "fetch_gpt2_weights"
-    else:
+    """The base checkpoint and its registered version (the lineage parent) when another stage of this run
+    makes the base: GPT-2 from the weights stage, or the model pretrained here. Empty when the engine finds
+    the base itself (a directory, a hub id)."""
+    stage = config.finetune.base_model.from_stage
+    if stage is None:
         return {}
     result = stages.result(stage, "checkpoint")
     return {"base_checkpoint": str(result["checkpoint"]), "base_model_ref": result["model_version"]}

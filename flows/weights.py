@@ -9,7 +9,7 @@ from prefect import flow
 
 from groundup import tracking
 from groundup.config import WeightsConfig
-from groundup.flows.common import parent_run
+from groundup.flows.common import Stages, parent_run
 from groundup.tasks.weights import fetch_gpt2_weights
 
 
@@ -30,9 +30,8 @@ def load_gpt2(
         "load-gpt2", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id
     ) as run_id:
         kwargs = dict(output_dir=output_dir, experiment=experiment, parent_run_id=run_id, out_dir=out_dir)
-        result = fetch_gpt2_weights(config, **kwargs)
-        if not Path(result["checkpoint"]).is_dir():
-            # A cached result whose checkpoint was deleted since: run the task for real.
-            result = fetch_gpt2_weights.with_options(refresh_cache=True)(config, **kwargs)
+        stages = Stages()
+        stages.submit("fetch_gpt2_weights", fetch_gpt2_weights, config, **kwargs)
+        result = stages.result("fetch_gpt2_weights", "checkpoint")
         print(f"GPT-2 weights: {result['model_version']} at {result['checkpoint']}: {result['smoke_text']!r}")
         return result

@@ -4,6 +4,9 @@ The same models are the parameters of the Prefect flows (the Prefect UI renders 
 contents of the YAML profiles in ``groundup/profiles/`` and the targets of ``--set key=value`` overrides
 on the command line. Unknown keys are rejected everywhere, so a typo is an error instead of a silently
 ignored setting.
+
+Over 350 lines on purpose: every stage's settings in one module, so the profiles, the flows' parameter
+forms and ``--set`` overrides share one vocabulary that can be read in one place.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from groundup.errors import SettingsError
+from groundup.instruct.engines import ENGINES, PRETRAINED_BASE, FinetuneBase, parse_base
 
 THE_VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -188,12 +194,27 @@ class LoRAConfig(Settings):
     head: bool = False
 
 
-# ``finetune.base`` naming the pipeline's own pretrained model (no GPT-2 weights needed, e.g. offline).
-PRETRAINED_BASE = "pretrained"
+class LitGPTOptions(Settings):
+    """Finetuning options only the LitGPT engine has (``finetune.litgpt.*``)."""
+
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = Field(
+        None, description="bitsandbytes quantization of the base (QLoRA); needs one CUDA GPU."
+    )
+    hf_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN is used)."
+    )
+
+
+def _check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise ValueError(f"unknown finetuning engine {name!r}; available: {', '.join(ENGINES)}")
+    return name
 
 
 class FinetuneConfig(Settings):
-    engine: Literal["groundup", "litgpt"] = "groundup"
+    engine: Annotated[str, AfterValidator(_check_engine)] = Field(
+        "groundup", description="A finetuning engine of groundup.instruct.engines.ENGINES: groundup or litgpt."
+    )
     base: str = Field(
         "gpt2-124M",
         description="groundup: a GPT-2 size ('gpt2-124M'), a groundup checkpoint dir, or 'pretrained' (the "
@@ -209,15 +230,17 @@ class FinetuneConfig(Settings):
     max_seq_length: int | None = Field(None, ge=8)
     mask_prompt: bool = False
     prompt_style: Literal["alpaca", "phi-3"] = "alpaca"
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None
     eval_interval: int = Field(50, ge=1)
     log_interval: int = Field(10, ge=1)
     seed: int = 1337
     lora: LoRAConfig = LoRAConfig()
     runtime: RuntimeConfig = RuntimeConfig()
-    hf_token_secret: str | None = Field(
-        None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN is used)."
-    )
+    litgpt: LitGPTOptions = LitGPTOptions()
+
+    @property
+    def base_model(self) -> FinetuneBase:
+        """``base``, parsed once into what it names (GPT-2 size, ``pretrained``, directory, hub id)."""
+        return parse_base(self.base)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,8 +330,8 @@ class PipelineConfig(Settings):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
-    """A profile or override that does not fit the settings models."""
+# The old name of a settings error (a profile or override that does not fit the settings models).
+ConfigError = SettingsError
 
 
 def config_digest(data: Any) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
+from groundup.errors import SourceUnreachable
 from groundup.files import CHUNK, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ RETRYABLE = (
 )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SourceUnreachable):
     """A source that could not be fetched or failed its integrity checks; the message names the source."""
 
     # True when some URL failed for a reason that may pass (connection, timeout, 5xx), so trying again later

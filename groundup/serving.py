@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from groundup.errors import GroundupError
 from groundup.files import write_json
 
 STATE_FILE = "servers.json"
@@ -30,7 +31,7 @@ HOST = "127.0.0.1"
 PREFERRED_PORTS = {"prefect": 4200, "mlflow": 5000}
 
 
-class ServerError(RuntimeError):
+class ServerError(GroundupError, RuntimeError):
     """A server that did not come up (its log tail is in the message)."""
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,10 @@ from prefect.context import TaskRunContext
 
 from groundup import tracking
 from groundup.files import sha256_file, sha256_tree
+from groundup.model import loading
+
+# Adapters whose base checkpoint exists only as a registered version fetch it through the tracking layer.
+loading.use_registry(tracking.model_directory)
 
 # Parameters that say where to log, not what to compute: never part of a cache key.
 UNKEYED = {"parent_run_id", "experiment", "tracking_uri"}
@@ -129,3 +135,28 @@ def content_key_with(*fields: str) -> Callable[[TaskRunContext, dict[str, Any]],
         return content_key(context, {**parameters, **named})
 
     return key
+
+
+@dataclasses.dataclass
+class StageResult:
+    """Base of the typed results tasks hand to flows: locations (paths, registered versions) and numbers,
+    never in-memory objects, so a result means the same in another process or on another machine."""
+
+    def __getitem__(self, key: str) -> Any:
+        # Read access by key, for callers written against the dict results stages used to return.
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def hf_token(secret_name: str | None) -> str | None:
+    """The Hugging Face token: the named Prefect Secret block if one is configured, else ``$HF_TOKEN``."""
+    if secret_name:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(secret_name).get()
+    return os.environ.get("HF_TOKEN") or None

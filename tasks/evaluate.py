@@ -26,14 +26,14 @@ PREVIEW_CHARS = 160
 def local_model(model: str, output_dir: str) -> str:
     """A hub id becomes a local LitGPT checkpoint under ``<output_dir>/checkpoints/litgpt`` (downloaded
     once, where finetuning puts its base models); directories are used as they are."""
-    from groundup.instruct import litgpt_finetune
+    from groundup.instruct import litgpt_checkpoints
 
-    if not litgpt_finetune.is_hub_id(model):
+    if not litgpt_checkpoints.is_hub_id(model):
         return model
-    from groundup.tasks.finetune import hf_token
+    from groundup.tasks.common import hf_token
 
     target = Path(output_dir) / "checkpoints" / "litgpt"
-    return str(litgpt_finetune.resolve_base_model(model, target, hf_token=hf_token(None)))
+    return str(litgpt_checkpoints.resolve_base_model(model, target, hf_token=hf_token(None)))
 
 
 def _short(text: Any, limit: int = PREVIEW_CHARS) -> str:

@@ -52,6 +52,33 @@ def test_batched_rows_match_single_prompts(model):
         assert torch.equal(batched[row : row + 1], generate(model, idx[row : row + 1], 10))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_right_padded_prompts_of_different_lengths_match_single_prompts(model, use_cache):
+    rows = [prompts(batch=1, length=n, seed=n)[0] for n in (3, 9, 6)]
+    padded = torch.full((3, 9), VOCAB - 1)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    lengths = torch.tensor([len(row) for row in rows])
+    # 40 new tokens pass the context of 32: the cropped re-prefill must crop each row by its own length.
+    batched = generate(model, padded, 40, lengths=lengths, use_cache=use_cache)[:, 9:]
+    for i, row in enumerate(rows):
+        alone = generate(model, row.unsqueeze(0), 40, use_cache=False)[0, len(row) :]
+        assert torch.equal(batched[i], alone)
+
+
+@pytest.mark.slow  # compiles a graph with inductor (a C++ compiler), ~1 min on a loaded 2-core CPU
+def test_compiled_one_token_step_is_greedy_identical(model):
+    idx = prompts(batch=2, length=5)
+    compiled = generate(model, idx, 12, compile=True)
+    assert torch.equal(compiled, generate(model, idx, 12))
+    assert torch.equal(compiled, generate(model, idx, 12, use_cache=False))
+
+
+def test_lengths_must_fit_the_prompts(model):
+    with pytest.raises(GenerationError, match="lengths must hold one count in 1..7 per row"):
+        generate(model, prompts(), 3, lengths=torch.tensor([7, 8]))
+
+
 def test_stream_yields_the_generated_tokens_one_by_one(model):
     idx = prompts(batch=1)
     steps = list(stream(model, idx, 8))

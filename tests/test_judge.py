@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from groundup.errors import DeviceError
 from groundup.instruct import judge
-from groundup.instruct.inference import ModelLoadError
 from groundup.instruct.resumable import LogMismatchError, read_jsonl
 from tests.chat_server import ChatServer
 
@@ -176,7 +176,7 @@ def test_quantized_litgpt_judge_needs_cuda(tiny_litgpt_dir):
     from groundup.config import JudgeConfig
 
     settings = JudgeConfig(model=str(tiny_litgpt_dir), quantize="bnb.nf4", accelerator="cpu")
-    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+    with pytest.raises(DeviceError, match="needs a CUDA GPU"):
         judge.make_judge(settings)
 
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from groundup.config import FinetuneConfig
-from groundup.instruct import litgpt_finetune
-from groundup.instruct.litgpt_finetune import AcceleratorError, BaseModelError, LitGPTError
+from groundup.errors import DeviceError
+from groundup.instruct import litgpt_checkpoints, litgpt_engine
+from groundup.instruct.litgpt_checkpoints import BaseModelError
+from groundup.instruct.litgpt_process import LitGPTError
 from groundup.instruct.prompts import format_prompt
 
 ENTRY = {
@@ -32,7 +34,7 @@ def cpu_config(**overrides) -> FinetuneConfig:
 def test_tiny_checkpoint_loads_and_generates(tiny_litgpt_dir):
     import litgpt
 
-    assert litgpt_finetune.missing_checkpoint_files(tiny_litgpt_dir) == []
+    assert litgpt_checkpoints.missing_checkpoint_files(tiny_litgpt_dir) == []
     llm = litgpt.LLM.load(str(tiny_litgpt_dir))
     text = llm.generate("Every effort moves you", max_new_tokens=5, temperature=0.0)
     assert isinstance(text, str) and text
@@ -43,7 +45,7 @@ def test_a_directory_that_is_not_a_checkpoint_names_the_missing_files(tiny_litgp
     partial.mkdir()
     shutil.copy(tiny_litgpt_dir / "model_config.yaml", partial)
     with pytest.raises(BaseModelError) as info:
-        litgpt_finetune.resolve_base_model(str(partial), tmp_path / "checkpoints")
+        litgpt_checkpoints.resolve_base_model(str(partial), tmp_path / "checkpoints")
     message = str(info.value)
     assert str(partial) in message and "is not a LitGPT checkpoint" in message
     assert "lit_model.pth" in message and "tokenizer.json" in message and "tokenizer_config.json" in message
@@ -52,43 +54,43 @@ def test_a_directory_that_is_not_a_checkpoint_names_the_missing_files(tiny_litgp
     with pytest.raises(
         BaseModelError, match="neither a Hugging Face hub id .* nor an existing LitGPT checkpoint"
     ):
-        litgpt_finetune.resolve_base_model(str(tmp_path / "nowhere" / "model"), tmp_path / "checkpoints")
+        litgpt_checkpoints.resolve_base_model(str(tmp_path / "nowhere" / "model"), tmp_path / "checkpoints")
     with pytest.raises(BaseModelError, match="'gpt2-124M' is neither"):
-        litgpt_finetune.resolve_base_model("gpt2-124M", tmp_path / "checkpoints")
+        litgpt_checkpoints.resolve_base_model("gpt2-124M", tmp_path / "checkpoints")
 
 
 def test_a_local_checkpoint_is_used_in_place(tiny_litgpt_dir, tmp_path):
-    assert litgpt_finetune.resolve_base_model(str(tiny_litgpt_dir), tmp_path / "ckpts") == tiny_litgpt_dir
+    assert litgpt_checkpoints.resolve_base_model(str(tiny_litgpt_dir), tmp_path / "ckpts") == tiny_litgpt_dir
     assert not (tmp_path / "ckpts").exists()
-    assert litgpt_finetune.is_hub_id("microsoft/phi-2")
-    assert not litgpt_finetune.is_hub_id(str(tiny_litgpt_dir))
+    assert litgpt_checkpoints.is_hub_id("microsoft/phi-2")
+    assert not litgpt_checkpoints.is_hub_id(str(tiny_litgpt_dir))
 
 
 def test_cpu_placement_hides_gpus_and_uses_32_bit():
-    placement = litgpt_finetune.resolve_placement(cpu_config())
+    placement = litgpt_engine.resolve_placement(cpu_config())
     assert placement.accelerator == "cpu"
     assert placement.precision == "32-true"
     assert placement.env == {"LT_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     chosen = cpu_config(runtime={"accelerator": "cpu", "precision": "bf16-true"})
-    assert litgpt_finetune.resolve_placement(chosen).precision == "bf16-true"
+    assert litgpt_engine.resolve_placement(chosen).precision == "bf16-true"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_requested_but_absent_accelerator_is_an_error():
-    with pytest.raises(AcceleratorError, match="'cuda' was requested but no CUDA GPU"):
-        litgpt_finetune.resolve_placement(FinetuneConfig(runtime={"accelerator": "cuda"}))
+    with pytest.raises(DeviceError, match="finetune.runtime.accelerator='cuda': no cuda device is available"):
+        litgpt_engine.resolve_placement(FinetuneConfig(runtime={"accelerator": "cuda"}))
     if not torch.backends.mps.is_available():
-        with pytest.raises(AcceleratorError, match="'mps' was requested"):
-            litgpt_finetune.resolve_placement(FinetuneConfig(runtime={"accelerator": "mps"}))
+        with pytest.raises(DeviceError, match="finetune.runtime.accelerator='mps': no mps device"):
+            litgpt_engine.resolve_placement(FinetuneConfig(runtime={"accelerator": "mps"}))
 
 
 def test_unsupported_quantization_and_devices_on_cpu_are_errors():
     with pytest.raises(
-        AcceleratorError, match=r"quantize='bnb.nf4' \(bitsandbytes\) needs a CUDA GPU.*'cpu'"
+        DeviceError, match=r"finetune.litgpt.quantize='bnb.nf4' \(bitsandbytes\) needs a CUDA GPU.*'cpu'"
     ):
-        litgpt_finetune.resolve_placement(cpu_config(quantize="bnb.nf4"))
-    with pytest.raises(AcceleratorError, match="devices=2, num_nodes=1 needs CUDA GPUs"):
-        litgpt_finetune.resolve_placement(cpu_config(runtime={"accelerator": "cpu", "devices": 2}))
+        litgpt_engine.resolve_placement(cpu_config(litgpt={"quantize": "bnb.nf4"}))
+    with pytest.raises(DeviceError, match="devices=2, num_nodes=1 needs CUDA GPUs"):
+        litgpt_engine.resolve_placement(cpu_config(runtime={"accelerator": "cpu", "devices": 2}))
 
 
 def test_settings_litgpt_cannot_take_are_errors_before_running(tiny_litgpt_dir, tmp_path):
@@ -96,11 +98,11 @@ def test_settings_litgpt_cannot_take_are_errors_before_running(tiny_litgpt_dir, 
     train.write_text(json.dumps([ENTRY] * 10), encoding="utf-8")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="integer lora.alpha, got 2.5"):
-        litgpt_finetune.finetune_lora(tiny_litgpt_dir, train, cpu_config(lora={"alpha": 2.5}), out)
+        litgpt_engine.finetune_lora(tiny_litgpt_dir, train, cpu_config(lora={"alpha": 2.5}), out)
     with pytest.raises(ValueError, match="smaller than micro_batch_size=8"):
-        litgpt_finetune.finetune_lora(tiny_litgpt_dir, train, cpu_config(global_batch_size=4), out)
+        litgpt_engine.finetune_lora(tiny_litgpt_dir, train, cpu_config(global_batch_size=4), out)
     with pytest.raises(ValueError, match="needs validation entries"):
-        litgpt_finetune.finetune_lora(tiny_litgpt_dir, train, cpu_config(), out, val_fraction=0.0)
+        litgpt_engine.finetune_lora(tiny_litgpt_dir, train, cpu_config(), out, val_fraction=0.0)
     assert not out.exists()
 
 
@@ -138,7 +140,7 @@ def test_a_failing_litgpt_run_raises_its_error_and_leaves_nothing(
     config = cpu_config(max_steps=2, global_batch_size=2, micro_batch_size=2)
 
     with pytest.raises(LitGPTError) as info:
-        litgpt_finetune.finetune_lora(broken, train, config, out, val_fraction=0.2, on_line=lines.append)
+        litgpt_engine.finetune_lora(broken, train, config, out, val_fraction=0.2, on_line=lines.append)
     message = str(info.value)
     assert "`litgpt finetune_lora` failed (exit code" in message
     assert "RuntimeError" in message.splitlines()[0]  # the cause leads; the traceback follows
@@ -176,7 +178,7 @@ def test_a_gated_model_without_token_says_how_to_provide_one(tmp_path, monkeypat
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.delenv("HF_TOKEN", raising=False)
         with pytest.raises(BaseModelError) as info:
-            litgpt_finetune.resolve_base_model(
+            litgpt_checkpoints.resolve_base_model(
                 "meta-llama/Meta-Llama-3-8B-Instruct", tmp_path / "checkpoints"
             )
     finally:
@@ -184,7 +186,7 @@ def test_a_gated_model_without_token_says_how_to_provide_one(tmp_path, monkeypat
         hub.server_close()
     message = str(info.value)
     assert "'meta-llama/Meta-Llama-3-8B-Instruct' is gated" in message
-    assert "HF_TOKEN" in message and "finetune.hf_token_secret" in message
+    assert "HF_TOKEN" in message and "finetune.litgpt.hf_token_secret" in message
     assert not (
         tmp_path / "checkpoints" / "meta-llama" / "Meta-Llama-3-8B-Instruct" / "lit_model.pth"
     ).exists()

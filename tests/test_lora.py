@@ -9,7 +9,8 @@ import torch
 
 from groundup.config import LoRAConfig
 from groundup.model.gpt import GPTModel, config_from_preset, init_weights
-from groundup.model.io import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from groundup.model.io import CheckpointError, load_checkpoint, save_checkpoint
+from groundup.model.loading import load_model
 from groundup.model.lora import (
     LoRALinear,
     apply_lora,

@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 from groundup.config import FinetuneConfig, LoRAConfig, RuntimeConfig
 from groundup.files import sha256_file
-from groundup.instruct.lora_finetune import FinetuneError, finetune_gpt, gpt2_size
+from groundup.instruct.engines import gpt2_size
+from groundup.instruct.groundup_engine import FinetuneError, finetune_gpt
 from groundup.model.gpt import GPTModel, config_from_preset, init_weights
-from groundup.model.io import load_checkpoint, load_model, save_checkpoint
+from groundup.model.io import load_checkpoint, save_checkpoint
+from groundup.model.loading import load_model
 from groundup.model.lora import read_adapter_config
 from groundup.train.loop import TrainHooks
 
@@ -150,8 +152,8 @@ def test_an_interrupted_run_resumes_from_its_adapter_checkpoint(finetuned, tiny_
 def test_settings_the_engine_cannot_run(tiny_base, train_json, tmp_path):
     with pytest.raises(FinetuneError, match="multiple of micro_batch_size"):
         finetune_gpt(tiny_base, train_json, tiny_config(global_batch_size=6), tmp_path / "a")
-    with pytest.raises(FinetuneError, match="quantize='bnb.nf4' is a LitGPT"):
-        finetune_gpt(tiny_base, train_json, tiny_config(quantize="bnb.nf4"), tmp_path / "b")
+    with pytest.raises(FinetuneError, match="litgpt.quantize='bnb.nf4' is a LitGPT"):
+        finetune_gpt(tiny_base, train_json, tiny_config(litgpt={"quantize": "bnb.nf4"}), tmp_path / "b")
     small_vocab = save_checkpoint(
         GPTModel(config_from_preset("gpt-tiny", vocab_size=100)), tmp_path / "small"
     )

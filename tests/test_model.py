@@ -76,10 +76,26 @@ def test_chunked_prefill_with_cache_matches_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 97, (2, 25))
     cache = model.new_cache(2)
+    positions = torch.arange(25).expand(2, 25)
     with torch.no_grad():
         full = model(idx)
-        parts = [model(idx[:, :10], cache), model(idx[:, 10:11], cache), model(idx[:, 11:], cache)]
+        parts = [model(idx[:, a:b], cache, positions[:, a:b]) for a, b in ((0, 10), (10, 11), (11, 25))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_different_lengths_share_a_cache_without_seeing_the_padding():
+    model = tiny().eval()
+    short, long = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 11))
+    padded = torch.cat([torch.cat([short, torch.full((1, 5), 96)], dim=1), long])  # short row right-padded
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        logits = model(padded, cache, torch.arange(11).expand(2, 11))
+        # The short row's next token goes to position 6, over its padding's slot.
+        step = model(torch.tensor([[5], [7]]), cache, torch.tensor([[6], [11]]))
+        alone = model(torch.cat([short, torch.tensor([[5]])], dim=1))
+    torch.testing.assert_close(logits[0, :6], alone[0, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[0, 0], alone[0, 6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], model(long)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_longer_than_context_is_an_error():
@@ -110,6 +126,18 @@ def test_checkpoint_round_trip_tied_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx))
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["tokenizer"] == "gpt2"
+
+
+def test_checkpoint_loads_onto_the_meta_built_model_with_identical_logits(tmp_path):
+    model = tiny().eval()
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert all(p.requires_grad for p in loaded.parameters())  # finetuning starts from a loaded model
+    assert loaded.out_head.weight is not loaded.tok_emb.weight
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
 
 
 def test_checkpoint_of_another_config_and_corrupted_file_are_errors(tmp_path):

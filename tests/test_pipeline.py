@@ -67,7 +67,7 @@ def test_sources_dir_names_what_is_missing(tmp_path):
     [
         (["weights.enabled=false"], "needs the GPT-2 weights stage"),
         (["finetune.base=gpt2-355M"], "must name one GPT-2"),
-        (["finetune.engine=litgpt", "finetune.base=pretrained"], "use finetune.engine=groundup"),
+        (["finetune.engine=litgpt", "finetune.base=pretrained"], "which engine .litgpt. cannot finetune"),
     ],
 )
 def test_inconsistent_settings_are_refused_before_any_stage(overrides, message):

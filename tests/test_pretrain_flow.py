@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from groundup.config import ConfigError, PretrainConfig, load_config
+from groundup.errors import DeviceError
 from groundup.model.io import load_checkpoint
 from groundup.train.loop import TrainingError, lm_loss
 from groundup.train.pretrain import build_model, gpt_config, pretrain_gpt, window_settings
@@ -124,7 +125,7 @@ def test_bad_settings_fail_before_any_training(verdict_parquet, gpt2_vocab_dir, 
 def test_an_absent_accelerator_fails_before_any_training(verdict_parquet, gpt2_vocab_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    with pytest.raises(TrainingError, match="runtime.accelerator='cuda': no cuda device is available"):
+    with pytest.raises(DeviceError, match="train.runtime.accelerator='cuda': no cuda device is available"):
         pretrain_gpt(verdict_parquet, small_config(gpt2_vocab_dir, "train.runtime.accelerator=cuda"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -224,5 +225,5 @@ def test_cli_pretrains_and_generates_from_the_registered_model(
     text = capsys.readouterr().out
     assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you\n")
 
-    assert main(["pretrain", "--profile", "quickstart", "--output-dir", out, "--set", "model.preset=nope"]) == 1
+    assert main(["pretrain", "--profile", "quickstart", "--output-dir", out, "--set", "model.preset=nope"]) == 2  # a settings error
     assert "unknown model preset 'nope'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 
 from groundup.config import GenerationConfig
 from groundup.instruct import responses
-from groundup.instruct.inference import GroundupModel, ModelLoadError, length_buckets
+from groundup.instruct.inference import GroundupModel, ModelLoadError, length_buckets, similar_length_batches
 from groundup.instruct.prompts import format_prompt
 from groundup.instruct.resumable import read_jsonl
 from tests.eval_fixtures import save_tiny_adapter, save_tiny_gpt
@@ -71,6 +71,11 @@ def test_length_buckets_group_equal_lengths_in_order():
     assert length_buckets([], batch_size=4) == []
 
 
+def test_similar_length_batches_sort_by_length_then_cut():
+    assert similar_length_batches([3, 5, 3, 9, 5, 7], batch_size=4) == [[0, 2, 1, 4], [5, 3]]
+    assert similar_length_batches([], batch_size=4) == []
+
+
 def test_responses_of_both_backends_match_their_own_generation(
     test_data, tiny_gpt, tiny_litgpt_dir, tmp_path
 ):
@@ -94,7 +99,7 @@ def test_responses_of_both_backends_match_their_own_generation(
 
     # our GPT: the plain generate() loop on each prompt's token ids gives the stored responses
     from groundup.model.generate import generate
-    from groundup.model.io import load_model
+    from groundup.model.loading import load_model
     from groundup.text.tokenizers import get_tokenizer
 
     model, tokenizer = load_model(tiny_gpt), get_tokenizer("gpt2")
@@ -103,9 +108,9 @@ def test_responses_of_both_backends_match_their_own_generation(
         new = generate(model, ids, 6, eos_id=tokenizer.eot_token)[0, ids.shape[1] :].tolist()
         new = new[: new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
         assert record["base_model"] == responses.clean_response(tokenizer.decode(new), prompt)
-    # the GPT-2 token lengths of the first two prompts are equal: they really were generated as one batch
+    # our GPT batches padded prompts: a batch really held prompts of different lengths
     lengths = [len(tokenizer.encode(p)) for p in prompts]
-    assert any(len(batch) > 1 for batch in length_buckets(lengths, 4))
+    assert any(len({lengths[i] for i in batch}) > 1 for batch in similar_length_batches(lengths, 4))
 
     # LitGPT: LLM.generate on the formatted prompt (not the dict) gives the stored responses
     from litgpt import LLM

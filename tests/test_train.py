@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from groundup.config import RuntimeConfig, TrainConfig
+from groundup.errors import DeviceError
 from groundup.model.gpt import GPTModel, config_from_preset
 from groundup.model.io import CheckpointError
 from groundup.train import launch
@@ -117,10 +118,10 @@ def test_runtime_defaults_and_an_absent_accelerator():
     assert (cpu.accelerator, cpu.precision, cpu.world_size) == ("cpu", "32-true", 1)
     if not torch.cuda.is_available():
         assert resolve_runtime(RuntimeConfig()).accelerator in ("cpu", "mps")
-        with pytest.raises(TrainingError, match="runtime.accelerator='cuda': no cuda device is available"):
+        with pytest.raises(DeviceError, match="train.runtime.accelerator='cuda': no cuda device is available"):
             resolve_runtime(RuntimeConfig(accelerator="cuda"))
     if not torch.backends.mps.is_available():
-        with pytest.raises(TrainingError, match="runtime.accelerator='mps': no mps device"):
+        with pytest.raises(DeviceError, match="train.runtime.accelerator='mps': no mps device"):
             resolve_runtime(RuntimeConfig(accelerator="mps"))
 
 

@@ -1,3 +1,3 @@
 """Instruction finetuning: data (``data``), prompt formats (``prompts``, the single source of them),
-LoRA finetuning of our GPT (``lora_finetune``) or of any LitGPT model in a subprocess (``litgpt_finetune``),
-test-set responses and the judge."""
+LoRA finetuning engines behind one interface (``engines``: ``groundup_engine`` for our GPT, ``litgpt_engine``
+for any LitGPT model in a subprocess), test-set responses and the judge."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from groundup.config import InstructDataConfig
 from groundup.download import fetch
+from groundup.errors import InputDataError
 from groundup.files import atomic_path, sha256_file, write_json
 
 REQUIRED_FIELDS = ("instruction", "input", "output")
@@ -27,7 +28,7 @@ MAX_LISTED_PROBLEMS = 50
 Entry = dict[str, Any]
 
 
-class InstructionDataError(ValueError):
+class InstructionDataError(InputDataError):
     """Instruction data that cannot be used; the message names the source and every problem found."""
 
 
@@ -60,6 +61,8 @@ def parse_entries(path: Path, source: str | None = None) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InstructionDataError(f"instruction data {name!r} is not UTF-8 text: {exc}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise InstructionDataError(f"instruction data {name!r}: no such file") from None
     if not text.strip():
         raise InstructionDataError(f"instruction data {name!r} is empty")
     try:

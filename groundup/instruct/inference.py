@@ -8,14 +8,14 @@ Two backends:
 - :class:`GroundupModel`: our GPT checkpoints and LoRA adapter directories (``model.io.load_model``), with
   ``model.generate`` and the GPT-2 BPE.
 
-Neither backend can pad a batch (no attention mask for padding), so a batch is a group of prompts with the
-same token length: exact, and a real speed-up where lengths repeat. Prompts of other lengths run alone.
+Our GPT batches prompts of any lengths (right-padded; its KV cache keeps each row to its own tokens), in
+batches of similar lengths. LitGPT's token loop cannot pad a batch, so there a batch is a group of prompts
+with the same token length: exact, and a real speed-up where lengths repeat; other lengths run alone.
 The response stage, the judge and the multiple-choice evaluation all use this module.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
+from groundup import devices
+from groundup.errors import ModelError
 from groundup.files import sha256_tree
 
 LITGPT_FILES = ("lit_model.pth", "model_config.yaml")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ModelError):
     """A model reference that names no usable model, or settings the machine cannot honour."""
 
 
@@ -63,10 +65,17 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return sorted(batches, key=lambda batch: batch[0])
 
 
+def similar_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Positions sorted by length and cut into batches of ``batch_size``: little padding per batch."""
+    by_length = sorted(range(len(lengths)), key=lambda position: lengths[position])
+    return [by_length[start : start + batch_size] for start in range(0, len(by_length), batch_size)]
+
+
 class CausalLM(ABC):
     """A loaded model: text in, continuations or next-token logits out."""
 
     model_id: str
+    pads_batches = False  # whether _generate takes right-padded prompts of different lengths
 
     @property
     @abstractmethod
@@ -92,9 +101,11 @@ class CausalLM(ABC):
 
     @abstractmethod
     def _generate(
-        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int,
+        lengths: torch.Tensor | None = None,
     ) -> list[list[int]]:
-        """New token ids (end-of-text excluded) for each row of an equal-length ``(batch, tokens)`` batch."""
+        """New token ids (end-of-text excluded) for each row of a ``(batch, tokens)`` batch: equal-length
+        prompts, or right-padded ones of ``lengths`` where the backend ``pads_batches``."""
 
     def complete(
         self,
@@ -105,7 +116,8 @@ class CausalLM(ABC):
         ids: Sequence[int] | None = None,
         on_batch: Callable[[list[int], list[str]], None] | None = None,
     ) -> list[str]:
-        """The continuation of every prompt (prompt not included), batching equal-length prompts.
+        """The continuation of every prompt (prompt not included), batching prompts of similar lengths
+        (padded) where the backend can, else of equal lengths.
 
         ``ids`` are stable ids of the prompts (default: their positions). ``on_batch(ids, texts)`` is called
         after each batch, so callers can persist results as they come. A sampled batch is seeded with
@@ -114,10 +126,12 @@ class CausalLM(ABC):
         ids = list(range(len(prompts))) if ids is None else list(ids)
         encoded = [self.encode(prompt) for prompt in prompts]
         results: list[str] = [""] * len(prompts)
-        for batch in length_buckets([len(tokens) for tokens in encoded], batch_size):
-            idx = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=self.device)
+        group = similar_length_batches if self.pads_batches else length_buckets
+        for batch in group([len(tokens) for tokens in encoded], batch_size):
+            idx, lengths = _right_padded([encoded[i] for i in batch], self.eos_id, self.device)
             idx, budget = self._fit(idx, sampling.max_new_tokens)
-            new_tokens = self._generate(idx, budget, sampling, sampling.seed + ids[batch[0]])
+            padded = lengths if self.pads_batches and bool((lengths < idx.shape[1]).any()) else None
+            new_tokens = self._generate(idx, budget, sampling, sampling.seed + ids[batch[0]], padded)
             texts = [self.decode(tokens) for tokens in new_tokens]
             for position, text in zip(batch, texts, strict=True):
                 results[position] = text
@@ -129,6 +143,17 @@ class CausalLM(ABC):
         """Prompt and output budget for the context window; as given for models whose generation slides
         over the window (ours), LitGPT overrides it."""
         return idx, max_new_tokens
+
+
+def _right_padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch, longest)`` ids, each row's prompt followed by ``pad_id``, and each row's length."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    idx = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        idx[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return idx.to(device), lengths.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,35 +168,6 @@ def inference_precision(accelerator: str) -> str:
     from litgpt.utils import get_default_supported_precision
 
     return get_default_supported_precision(training=False)
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator != "auto":
-        if accelerator == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("accelerator 'cuda' requested, but torch sees no CUDA device")
-        if accelerator == "mps" and not torch.backends.mps.is_available():
-            raise ModelLoadError("accelerator 'mps' requested, but torch sees no MPS device")
-        return accelerator
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_quantization(quantize: str | None, accelerator: str) -> None:
-    """bitsandbytes 4-bit runs on CUDA only; say so before loading gigabytes of weights."""
-    if quantize is None:
-        return
-    if accelerator != "cuda":
-        raise ModelLoadError(
-            f"quantize={quantize!r} needs a CUDA GPU (bitsandbytes), but the accelerator is {accelerator!r}; "
-            "set quantize to null"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            f"quantize={quantize!r} needs the bitsandbytes package: pip install bitsandbytes"
-        )
 
 
 def _stop_tokens(prompt_style: Any, tokenizer: Any) -> tuple[list[int], ...]:
@@ -197,8 +193,8 @@ class LitGPTModel(CausalLM):
         checkpoint's own (``prompt_style.yaml``, else LitGPT's choice by model name)."""
         from litgpt import LLM
 
-        accelerator = resolve_accelerator(accelerator)
-        check_quantization(quantize, accelerator)
+        accelerator = devices.resolve_accelerator(accelerator)
+        devices.check_quantization(quantize, accelerator)
         precision = inference_precision(accelerator)  # "-true" precisions, which bitsandbytes needs
         path = Path(model)
         self.model_id = str(path.resolve()) if path.is_dir() else str(model)
@@ -242,7 +238,8 @@ class LitGPTModel(CausalLM):
         return idx, max(1, min(max_new_tokens, window - idx.shape[1]))
 
     def _generate(
-        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int,
+        lengths: torch.Tensor | None = None,
     ) -> list[list[int]]:
         from litgpt.generate.base import batched_generate_fn
 
@@ -283,14 +280,19 @@ class LitGPTModel(CausalLM):
 
 
 class GroundupModel(CausalLM):
-    def __init__(self, directory: str | Path, *, accelerator: str = "auto") -> None:
-        from groundup.model.io import load_model, tokenizer_name
+    pads_batches = True
+
+    def __init__(self, directory: str | Path, *, accelerator: str = "auto", compile: bool = False) -> None:
+        """``compile``: the one-token decoding step through ``torch.compile`` (pays off over many prompts)."""
+        from groundup.model.io import tokenizer_name
+        from groundup.model.loading import load_model
         from groundup.text.tokenizers import get_tokenizer
 
         directory = Path(directory).resolve()
         self.model_id = str(directory)
-        self._device = torch.device(resolve_accelerator(accelerator))
+        self._device = devices.torch_device(accelerator)
         self.model = load_model(directory, self._device)
+        self.compile = compile
         self.tokenizer = get_tokenizer(tokenizer_name(directory))
 
     @property
@@ -316,7 +318,8 @@ class GroundupModel(CausalLM):
             return self.model(idx)
 
     def _generate(
-        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, seed: int,
+        lengths: torch.Tensor | None = None,
     ) -> list[list[int]]:
         from groundup.model.generate import generate
 
@@ -324,6 +327,8 @@ class GroundupModel(CausalLM):
             self.model,
             idx,
             max_new_tokens,
+            lengths=lengths,
+            compile=self.compile,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,

@@ -4,6 +4,9 @@ The prompt is the workshop's, sent through the judge model's chat template (Llam
 default judge). Unlike the workshop, no reply is dropped: a reply without a usable score is kept, counted
 and reported as unparsed next to the statistics of the parsed ones.
 
+Over 350 lines: the judge prompt, score parsing, both backends and the statistics are one stage's logic;
+splitting the backends out is the evaluation work's call.
+
 Score parsing (:func:`parse_score`) reads the first number in the reply and accepts it only if it is a
 whole number from 0 to 100:
 
@@ -38,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from groundup.config import JudgeConfig
+from groundup.errors import SourceUnreachable
 from groundup.files import atomic_path, sha256_file
 
 MODEL_KEYS = ("base_model", "finetuned_model")
@@ -167,7 +171,7 @@ def summary_metrics(summary: Mapping[str, Mapping[str, float | int | None]]) -> 
 # ---------------------------------------------------------------------------------------------------------
 
 
-class JudgeError(RuntimeError):
+class JudgeError(SourceUnreachable):
     """The judge could not be reached or loaded, or answered with something that is not a reply."""
 
 

@@ -25,8 +25,10 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+from groundup.errors import GroundupError
 
-class MCEvalError(RuntimeError):
+
+class MCEvalError(GroundupError, RuntimeError):
     """lm-eval missing, an unknown task, or a task whose data cannot be loaded."""
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from groundup.errors import InputDataError
 from groundup.files import atomic_open
 
 HEADER_KEY = "__header__"
 
 
-class LogMismatchError(ValueError):
+class LogMismatchError(InputDataError):
     """A log on disk that was written for other inputs or settings, or is not a log at all."""
 
 

@@ -10,18 +10,18 @@ loop computes. That keeps greedy output identical with and without the cache at 
 
 from __future__ import annotations
 
-import argparse
-import codecs
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from groundup.errors import SettingsError
+from groundup.model.gpt import KVCache
 
-class GenerationError(ValueError):
-    """Bad generation arguments or a model reference that cannot be resolved."""
+
+class GenerationError(SettingsError):
+    """Bad generation arguments (temperature, top-k, top-p, a context size the model cannot take)."""
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
@@ -67,6 +67,7 @@ def sample_next(
 def _check_arguments(
     model: nn.Module,
     idx: torch.Tensor,
+    lengths: torch.Tensor | None,
     context_size: int | None,
     temperature: float,
     top_k: int | None,
@@ -77,6 +78,12 @@ def _check_arguments(
     if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype != torch.long:
         raise GenerationError(
             f"idx must be a (batch, tokens) LongTensor with at least one token, got {idx.dtype} {tuple(idx.shape)}"
+        )
+    if lengths is not None and (
+        lengths.shape != idx.shape[:1] or int(lengths.min()) < 1 or int(lengths.max()) > idx.shape[1]
+    ):
+        raise GenerationError(
+            f"lengths must hold one count in 1..{idx.shape[1]} per row of idx, got {lengths.tolist()}"
         )
     if temperature < 0:
         raise GenerationError(f"temperature must be >= 0, got {temperature}")
@@ -100,28 +107,76 @@ def stream(
     idx: torch.Tensor,
     max_new_tokens: int,
     *,
+    lengths: torch.Tensor | None = None,
     context_size: int | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
     seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next ``(batch, 1)`` tokens one step at a time.
 
-    Each row ends at its first ``eos_id``, which is not yielded; generation stops once every row has
-    ended, and a row that ended earlier is padded with ``eos_id`` meanwhile. ``seed`` makes sampling
-    reproducible without touching the global RNG. The model runs in eval mode, then gets its mode back.
-    Arguments are checked here, before the first token is asked for.
+    ``lengths`` (``(batch,)``) batches prompts of different lengths: row ``i`` of ``idx`` holds its prompt in
+    the first ``lengths[i]`` columns, whatever follows is padding that no token attends to. Each row ends at
+    its first ``eos_id``, which is not yielded; generation stops once every row has ended, and a row that
+    ended earlier is padded with ``eos_id`` meanwhile. ``seed`` makes sampling reproducible without touching
+    the global RNG. ``compile`` runs the one-token step through ``torch.compile`` (the first call compiles;
+    greedy output stays the same). The model runs in eval mode, then gets its mode back. Arguments are
+    checked here, before the first token is asked for.
     """
-    window = _check_arguments(model, idx, context_size, temperature, top_k, top_p, use_cache)
-    return _stream(model, idx, max_new_tokens, window, temperature, top_k, top_p, eos_id, use_cache, seed)
+    window = _check_arguments(model, idx, lengths, context_size, temperature, top_k, top_p, use_cache)
+    if lengths is None:
+        lengths = torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long, device=idx.device)
+    step = _compiled_decode_step() if compile and use_cache else decode_step
+    return _stream(
+        model, idx, lengths.to(idx.device), max_new_tokens, window, temperature, top_k, top_p, eos_id,
+        use_cache, step, seed,
+    )
+
+
+def decode_step(
+    model: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor
+) -> torch.Tensor:
+    """One token per row at its position in the cache: the ``(batch, vocab)`` logits of the next one."""
+    return model(tokens, cache, positions)[:, -1]
+
+
+@functools.cache
+def _compiled_decode_step() -> Callable[..., torch.Tensor]:
+    # Every step of a run has the same shapes (one token per row, a fixed-size cache), so one graph serves
+    # all its steps; a second run with another batch size or cache length makes those sizes dynamic.
+    return torch.compile(decode_step)
+
+
+def _prefill(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int,
+    cache: KVCache | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run each row's last ``window`` tokens at positions ``0 …`` (into the cache, if any): the logits of
+    every row's next token, and how many tokens of each row were cropped off its front."""
+    offsets = (lengths - window).clamp(min=0)
+    width = min(int(lengths.max()), window)
+    columns = torch.arange(width, device=tokens.device)
+    # Rows shorter than `width` read past their end (clamped): padding, only ever seen by itself.
+    cropped = tokens.gather(1, (offsets.unsqueeze(1) + columns).clamp(max=tokens.shape[1] - 1))
+    if cache is None:
+        logits = model(cropped)  # causal attention: padding after a row's end cannot change it
+    else:
+        logits = model(cropped, cache, columns.expand_as(cropped))
+    last = (lengths - offsets - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+    return logits.gather(1, last).squeeze(1), offsets
 
 
 def _stream(
     model: nn.Module,
     idx: torch.Tensor,
+    lengths: torch.Tensor,
     max_new_tokens: int,
     window: int,
     temperature: float,
@@ -129,31 +184,42 @@ def _stream(
     top_p: float | None,
     eos_id: int | None,
     use_cache: bool,
+    step: Callable[..., torch.Tensor],
     seed: int | None,
 ) -> Iterator[torch.Tensor]:
     generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache = model.new_cache(idx.shape[0], window) if use_cache else None
-    tokens = idx
+    batch = idx.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+    # Each row's tokens so far, left-aligned; the next token of row i goes to column lengths[i].
+    tokens = torch.cat([idx, idx.new_zeros(batch, max_new_tokens)], dim=1)
+    lengths = lengths.clone()
+    rows = torch.arange(batch, device=idx.device)
+    # A cache no longer than the sequence can get keeps every step's attention short.
+    cache = model.new_cache(batch, min(window, tokens.shape[1])) if use_cache else None
+    offsets = torch.zeros_like(lengths)  # tokens cropped off each row's front when it was last prefilled
+    longest = None  # tokens of the longest row counted from its offset; None until the first prefill
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for step in range(max_new_tokens):
-                if cache is None:
-                    logits = model(tokens[:, -window:])
-                elif step == 0 or cache.length >= window:
-                    cache.length = 0  # (re)prefill: the whole cropped window at positions 0..window-1
-                    logits = model(tokens[:, -window:], cache)
-                else:
-                    logits = model(tokens[:, -1:], cache)
-                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            for _ in range(max_new_tokens):
+                if cache is None or longest is None or longest > window:
+                    # Without a cache, or once the window is full: the absolute positions cannot slide,
+                    # so the (cropped) window is fed again from position 0, as the uncached loop does.
+                    logits, offsets = _prefill(model, tokens, lengths, window, cache)
+                    longest = min(int(lengths.max()), window)
+                else:  # only each row's newest token, at the position after its cached ones
+                    newest = tokens.gather(1, (lengths - 1).unsqueeze(1))
+                    logits = step(model, newest, cache, (lengths - 1 - offsets).unsqueeze(1))
+                next_token = sample_next(logits, temperature, top_k, top_p, generator)
                 if eos_id is not None:
                     next_token = next_token.masked_fill(finished.unsqueeze(1), eos_id)
                     finished |= next_token.squeeze(1) == eos_id
                     if finished.all():
                         return
-                tokens = torch.cat((tokens, next_token), dim=1)
+                tokens[rows, lengths] = next_token.squeeze(1)
+                lengths += 1
+                longest += 1
                 yield next_token
     finally:
         model.train(was_training)
@@ -164,82 +230,22 @@ def generate(
     idx: torch.Tensor,
     max_new_tokens: int,
     *,
+    lengths: torch.Tensor | None = None,
     context_size: int | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """``idx`` followed by up to ``max_new_tokens`` generated tokens (see :func:`stream`)."""
+    """``idx`` followed by up to ``max_new_tokens`` generated tokens (see :func:`stream`); with ``lengths``
+    the new tokens start after ``idx``'s last column, whatever each row's own length."""
     new = list(
         stream(
-            model, idx, max_new_tokens, context_size=context_size, temperature=temperature, top_k=top_k,
-            top_p=top_p, eos_id=eos_id, use_cache=use_cache, seed=seed,
+            model, idx, max_new_tokens, lengths=lengths, context_size=context_size, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_id=eos_id, use_cache=use_cache, compile=compile, seed=seed,
         )
     )
     return torch.cat([idx, *new], dim=1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# `groundup generate`
-# ---------------------------------------------------------------------------------------------------------
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_model_directory(ref: str, output_dir: str | Path) -> Path:
-    """A model directory as given, else a registered model (``name``, ``name/3``, ``name@alias``)."""
-    path = Path(ref)
-    if path.is_dir():
-        return path
-    from groundup import environment
-
-    environment.prepare(output_dir)
-    from groundup import tracking
-
-    try:
-        return tracking.model_directory(ref)
-    except LookupError as exc:
-        raise GenerationError(
-            f"model {ref!r} is neither a checkpoint directory nor a registered model in "
-            f"{tracking.default_tracking_uri(output_dir)} ({exc})"
-        ) from None
-
-
-def generate_cli(args: argparse.Namespace) -> int:
-    """Load a model, generate from ``args.prompt`` and write the text to stdout (token by token)."""
-    from groundup.model.io import load_model, tokenizer_name
-    from groundup.text.tokenizers import get_tokenizer, text_to_token_ids
-
-    directory = resolve_model_directory(args.model, args.output_dir)
-    device = default_device()
-    model = load_model(directory, device)
-    tokenizer = get_tokenizer(tokenizer_name(directory))
-    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
-    tokens = stream(
-        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eos_id=tokenizer.eot_token, use_cache=not args.no_kv_cache, seed=args.seed,
-    )
-    # A BPE token can end inside a multi-byte character: decode bytes incrementally.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out = sys.stdout
-    out.write(args.prompt)
-    pieces = []
-    for token in tokens:
-        text = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
-        if args.no_stream:
-            pieces.append(text)
-        else:
-            out.write(text)
-            out.flush()
-    out.write("".join(pieces) + decoder.decode(b"", final=True) + "\n")
-    out.flush()
-    return 0

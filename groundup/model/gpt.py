@@ -9,7 +9,9 @@ differences are the fast paths a reader can still follow:
 - LayerNorm and GELU(tanh) are PyTorch's native modules (the same maths as the workshop's hand-written
   ones, with eps 1e-5);
 - the output head can share the token embedding (GPT-2 does; ``tie_weights``);
-- an optional per-layer KV cache makes generation linear instead of quadratic in the output length.
+- an optional KV cache makes generation linear instead of quadratic in the output length. Each token's
+  keys and values go to the cache slot of its position, per row: prompts of different lengths share one
+  right-padded batch, and a one-token step always has the same shapes, so it can be compiled.
 
 q, k and v stay separate linear layers, so LoRA can target each and the GPT-2 loader splits OpenAI's
 fused ``c_attn`` explicitly.
@@ -85,22 +87,36 @@ def config_from_preset(preset: str, **overrides) -> GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to ``max_length``."""
+    """Keys and values of every layer, one preallocated slot per position (``max_length`` of them).
+
+    A token's key and value are written to the slot of its position in its row, and a token attends to
+    the slots up to its own position. A row's slots past its last token (padding, or nothing yet) are
+    therefore never read until a later token of that row has overwritten them.
+    """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_length: int, device, dtype) -> None:
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_length, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, max_length, cfg.n_heads, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled, shared by all layers
-        self.max_length = max_length
+        self.rows = torch.arange(batch_size, device=device).unsqueeze(1)
+        self.slots = torch.arange(max_length, device=device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """``(batch, 1, tokens, max_length)``: True where a token may attend (slots up to its position)."""
+        return (self.slots <= positions.unsqueeze(-1)).unsqueeze(1)
+
+    def update(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``(batch, tokens, heads, head_dim)`` keys/values at ``(batch, tokens)`` positions; returns
+        every slot of the layer as ``(batch, heads, max_length, head_dim)``."""
+        self.keys[layer][self.rows, positions] = k
+        self.values[layer][self.rows, positions] = v
+        return self.keys[layer].transpose(1, 2), self.values[layer].transpose(1, 2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -115,26 +131,29 @@ class MultiHeadAttention(nn.Module):
         self.dropout = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Without a cache, causal attention over ``x``; with one, ``x``'s keys and values are stored at
+        ``positions`` and ``mask`` (``cache.attention_mask(positions)``) says which slots each token sees."""
         b, t, d = x.shape
 
-        def heads(proj: nn.Module) -> torch.Tensor:  # (b, t, d) -> (b, heads, t, head_dim)
-            return proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        def heads(proj: nn.Module) -> torch.Tensor:  # (b, t, d) -> (b, t, heads, head_dim)
+            return proj(x).view(b, t, self.n_heads, self.head_dim)
 
         q, k, v = heads(self.W_query), heads(self.W_key), heads(self.W_value)
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)
-        mask, causal = None, True
-        if past and t == 1:
-            causal = False  # one new token may attend to everything before it
-        elif past:
-            # t new tokens after `past` cached ones: row i sees columns <= past + i
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+            k, v = cache.update(layer, positions, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q.transpose(1, 2), k, v, attn_mask=mask, is_causal=cache is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.out_proj(y))
@@ -164,8 +183,15 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, positions, mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -182,19 +208,26 @@ class GPTModel(nn.Module):
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        _, t = in_idx.shape
-        start = cache.length if cache is not None else 0
-        if start + t > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {start + t} tokens exceeds the context length {self.cfg.context_length}"
-            )
-        positions = torch.arange(start, start + t, device=in_idx.device)
+    def forward(
+        self, in_idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(batch, tokens)`` ids -> ``(batch, tokens, vocab)`` logits.
+
+        ``positions`` (``(batch, tokens)``, default ``0 … tokens-1`` in every row) place the tokens; with a
+        ``cache`` they are also the slots their keys and values go to (see :class:`KVCache`), so a prompt
+        is fed at ``0 … n-1`` and each later token at the next position of its row.
+        """
+        b, t = in_idx.shape
+        if positions is None:
+            if t > self.cfg.context_length:
+                raise ValueError(
+                    f"sequence of {t} tokens exceeds the context length {self.cfg.context_length}"
+                )
+            positions = torch.arange(t, device=in_idx.device).expand(b, t)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        mask = cache.attention_mask(positions) if cache is not None else None
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cache, layer)
-        if cache is not None:
-            cache.length += t
+            x = block(x, cache, layer, positions, mask)
         return self.out_head(self.final_norm(x))
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:

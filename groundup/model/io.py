@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
+from groundup.errors import ModelError
 from groundup.files import atomic_path, write_json
 from groundup.model.gpt import GPTConfig, GPTModel
 
@@ -21,7 +22,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that is missing, corrupted or does not fit the expected configuration."""
 
 
@@ -61,7 +62,9 @@ def tokenizer_name(directory: str | Path) -> str:
 
 
 def load_state(directory: str | Path, model: GPTModel) -> GPTModel:
-    """Load weights into ``model``; every missing, unexpected or misshapen tensor is named in the error."""
+    """Load weights into ``model``; every missing, unexpected or misshapen tensor is named in the error.
+
+    A model built on the meta device (no storage yet) gets the file's tensors assigned instead of copied."""
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{Path(directory)}: missing {WEIGHTS_FILE}")
@@ -84,7 +87,10 @@ def load_state(directory: str | Path, model: GPTModel) -> GPTModel:
     problems += [f"unexpected tensor {name}" for name in state if name not in expected]
     if problems:
         raise CheckpointError(f"{path} does not fit the model config: " + "; ".join(problems[:10]))
-    model.load_state_dict(state, strict=False)
+    on_meta = model.tok_emb.weight.is_meta
+    model.load_state_dict(state, strict=False, assign=on_meta)
+    if on_meta and model.cfg.tie_weights:
+        model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: share one again
     return model
 
 
@@ -93,21 +99,15 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     expected: GPTConfig | None = None,
 ) -> GPTModel:
-    """Build the model a checkpoint directory describes and load its weights (in eval mode)."""
+    """Build the model a checkpoint directory describes and load its weights (in eval mode).
+
+    The model is built on the meta device and the file's tensors are assigned to it: no random
+    initialisation that the weights would overwrite (2.5 s for 124M), no second copy in memory."""
     cfg = read_config(directory)
     if expected is not None and expected != cfg:
         diff = {k: (v, getattr(expected, k)) for k, v in cfg.to_dict().items() if getattr(expected, k) != v}
         raise CheckpointError(f"{directory}: checkpoint config differs from the expected one: {diff}")
-    model = load_state(directory, GPTModel(cfg))
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model = load_state(directory, model)
     return model.to(device).eval()
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
-    """Any model directory the pipeline writes: a checkpoint, or a LoRA adapter dir (``adapter.json``)
-    whose base checkpoint it names. The one entry point for ``groundup generate`` and the response stage."""
-    path = Path(path)
-    if (path / "adapter.json").is_file():
-        from groundup.model.lora import load_adapted_model
-
-        return load_adapted_model(path, device)
-    return load_checkpoint(path, device)

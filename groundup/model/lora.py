@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from groundup.config import LoRAConfig
 from groundup.files import atomic_path, sha256_file, write_json
 from groundup.model.gpt import GPTModel
 from groundup.model.io import WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
@@ -75,12 +75,35 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}"
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """Which layers get adapters and their rank, scale and dropout. Any object with these attributes will do
+    (the pipeline passes its ``finetune.lora`` settings); :meth:`of` makes one of it."""
+
+    r: int
+    alpha: float
+    dropout: float
+    query: bool
+    key: bool
+    value: bool
+    projection: bool
+    mlp: bool
+    head: bool
+
+    @classmethod
+    def of(cls, settings: Any) -> LoRASpec:
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Wrapping, freezing, merging
 # ---------------------------------------------------------------------------------------------------------
 
 
-def lora_targets(model: GPTModel, lora: LoRAConfig) -> list[str]:
+def lora_targets(model: GPTModel, lora: LoRASpec) -> list[str]:
     """Names of the linear layers the LoRA settings select, in module order."""
     names: list[str] = []
     attention = {"W_query": lora.query, "W_key": lora.key, "W_value": lora.value, "out_proj": lora.projection}
@@ -99,7 +122,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_lora(model: GPTModel, lora: LoRAConfig, targets: list[str] | None = None) -> GPTModel:
+def apply_lora(model: GPTModel, lora: LoRASpec, targets: list[str] | None = None) -> GPTModel:
     """Wrap the selected linear layers in :class:`LoRALinear` (in place) and freeze everything else.
 
     ``targets`` overrides the selection by module names (used when loading a saved adapter).
@@ -167,7 +190,7 @@ def base_reference(base_dir: str | Path, model_ref: str | None = None) -> dict[s
 def save_adapter(
     model: GPTModel,
     directory: str | Path,
-    lora: LoRAConfig,
+    lora: LoRASpec,
     base: dict[str, Any],
     metadata: dict[str, Any] | None = None,
 ) -> Path:
@@ -183,7 +206,7 @@ def save_adapter(
         directory / ADAPTER_CONFIG,
         {
             "format": ADAPTER_FORMAT,
-            "lora": lora.model_dump(mode="json"),
+            "lora": LoRASpec.of(lora).to_dict(),
             "targets": list(lora_layers(model)),
             "base": base,
             "model": model.cfg.to_dict(),
@@ -212,7 +235,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 def load_adapter(model: GPTModel, directory: str | Path) -> GPTModel:
     """Wrap ``model`` as the adapter says and load its LoRA tensors (every mismatch named in the error)."""
     config = read_adapter_config(directory)
-    apply_lora(model, LoRAConfig.model_validate(config["lora"]), targets=config["targets"])
+    apply_lora(model, LoRASpec(**config["lora"]), targets=config["targets"])
     return load_lora_weights(model, directory)
 
 
@@ -239,8 +262,9 @@ def load_lora_weights(model: GPTModel, directory: str | Path) -> GPTModel:
     return model
 
 
-def resolve_base(base: dict[str, Any]) -> Path:
-    """The base checkpoint directory of an adapter: its recorded path, else its registered model version.
+def resolve_base(base: dict[str, Any], registry: Callable[[str], Path] | None = None) -> Path:
+    """The base checkpoint directory of an adapter: its recorded path, else its registered model version
+    (looked up with ``registry``, ``model.loading``'s registry lookup).
 
     The weights must have the recorded digest: an adapter applied to other weights is silently wrong.
     """
@@ -252,9 +276,12 @@ def resolve_base(base: dict[str, Any]) -> Path:
                 f"adapter base checkpoint {str(path)!r} does not exist and no registered "
                 "model version is recorded to fetch it from"
             )
-        from groundup import tracking  # only for adapters whose base lives in the registry alone
-
-        path = tracking.model_directory(ref)
+        if registry is None:
+            raise CheckpointError(
+                f"adapter base checkpoint {str(path)!r} does not exist; its registered version {ref!r} can be "
+                "fetched only where the model registry is configured"
+            )
+        path = registry(ref)
     digest = sha256_file(path / WEIGHTS_FILE)
     if base.get("weights_sha256") and digest != base["weights_sha256"]:
         raise CheckpointError(
@@ -265,11 +292,15 @@ def resolve_base(base: dict[str, Any]) -> Path:
 
 
 def load_adapted_model(
-    adapter_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True
+    adapter_dir: str | Path,
+    device: str | torch.device = "cpu",
+    merge: bool = True,
+    registry: Callable[[str], Path] | None = None,
 ) -> GPTModel:
-    """Base checkpoint + adapter → a model in eval mode; merged (plain layers, no LoRA overhead) by default."""
+    """Base checkpoint + adapter → a model in eval mode; merged (plain layers, no LoRA overhead) by default.
+    ``registry`` finds a base that exists only as a registered version (see ``model.loading``)."""
     config = read_adapter_config(adapter_dir)
-    model = load_checkpoint(resolve_base(config["base"]), device="cpu")
+    model = load_checkpoint(resolve_base(config["base"], registry), device="cpu")
     load_adapter(model, adapter_dir)
     if merge:
         merge_lora(model)

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from groundup.download import Fetched, fetch, local_path
+from groundup.errors import InputDataError
 from groundup.files import CHUNK
 
 
-class CorpusError(ValueError):
+class CorpusError(InputDataError):
     """A text source that is not usable as a corpus (empty, not UTF-8); the message names it."""
 
 

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import tiktoken
 from tqdm.auto import tqdm
 
+from groundup.errors import InputDataError
 from groundup.files import atomic_path
 from groundup.text.corpus import CorpusError, iter_text
 from groundup.text.tokenizers import END_OF_TEXT, get_tokenizer
@@ -54,7 +55,7 @@ SAFE_CUT = re.compile(r"(?<=\S)(?=[ \t\n\r\f\v]\S)")
 Progress = Callable[[int, int], None]
 
 
-class TokenStoreError(ValueError):
+class TokenStoreError(InputDataError):
     """A file that is not a readable token store; the message names it."""
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import tiktoken
 
+from groundup.errors import InputDataError
 from groundup.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:  # torch costs seconds to import; only the tensor helpers below need it
@@ -35,7 +36,7 @@ VOCAB_DIR_ENV = "GROUNDUP_GPT2_VOCAB_DIR"
 GPT2_ENCODINGS = ("gpt2", "r50k_base")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputDataError):
     """A tokenizer that cannot be built, or text it cannot encode; the message says which and why."""
 
 

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from groundup.errors import InputDataError
 from groundup.text.store import read_tokens
 
 
-class WindowError(ValueError):
+class WindowError(InputDataError):
     """Settings that leave a split without a single window or batch; the message says which and why."""
 
 

@@ -22,12 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from groundup.errors import GroundupError
 from groundup.files import write_json
 
 LAUNCHED_ENV = "GROUNDUP_LAUNCHED"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(GroundupError, RuntimeError):
     """The launched training process failed; its own output (above) says why."""
 
 

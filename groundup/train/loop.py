@@ -17,6 +17,9 @@ What it adds to the workshop's loop, and why:
 
 Fabric launches multi-device runs by re-executing ``sys.argv``, which must not be a Prefect flow or a test
 runner: runs with more than one device go through :func:`groundup.train.launch.run_launched`.
+
+Over 350 lines on purpose: the loop, its batch order and its checkpoint/resume logic depend on each other's
+details (which batch of which epoch, which random state), and read best side by side.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
+from groundup import devices
 from groundup.config import RuntimeConfig, TrainConfig
+from groundup.errors import SettingsError
 from groundup.model.io import CheckpointError, load_state, read_config, save_checkpoint
 from groundup.train.launch import is_launched
 from groundup.train.state import (
@@ -55,7 +60,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-class TrainingError(ValueError):
+class TrainingError(SettingsError):
     """Settings or data a training run cannot start with; raised before any work is done."""
 
 
@@ -77,38 +82,13 @@ class Runtime:
         return self.devices * self.num_nodes
 
 
-def _available(accelerator: str) -> int:
-    """How many devices of a kind this process can see."""
-    if accelerator == "cuda":
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if accelerator == "mps":
-        return 1 if torch.backends.mps.is_available() else 0
-    return sys.maxsize  # CPU "devices" are processes
-
-
-def resolve_runtime(config: RuntimeConfig) -> Runtime:
-    """Turn ``auto`` into a concrete accelerator and precision; an absent accelerator is an error."""
-    accelerator = config.accelerator
-    if accelerator == "auto":
-        accelerator = next((a for a in ("cuda", "mps") if _available(a)), "cpu")
-    count = _available(accelerator)
-    if count == 0:
-        built = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", no CUDA")
-        raise TrainingError(
-            f"runtime.accelerator={config.accelerator!r}: no {accelerator} device is available ({built}); "
-            "use accelerator=auto or cpu"
-        )
-    if config.devices > count:
-        raise TrainingError(f"runtime.devices={config.devices}: only {count} {accelerator} device(s) are visible")
-    precision = config.precision or default_precision(accelerator)
+def resolve_runtime(config: RuntimeConfig, setting: str = "train.runtime") -> Runtime:
+    """Turn ``auto`` into a concrete accelerator and precision; an absent accelerator is a DeviceError."""
+    accelerator = devices.resolve_accelerator(
+        config.accelerator, setting=f"{setting}.accelerator", devices=config.devices
+    )
+    precision = config.precision or devices.training_precision(accelerator)
     return Runtime(accelerator, config.devices, config.num_nodes, precision, config.compile)
-
-
-def default_precision(accelerator: str) -> str:
-    # CPUs have no fast bf16 matmuls; GPUs with bf16 train ~2x faster in it without loss scaling.
-    if accelerator == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def _make_fabric(runtime: Runtime):

@@ -10,12 +10,13 @@ from typing import Any, Literal
 
 import torch
 
+from groundup.errors import ModelError
 from groundup.model.gpt import GPTConfig
 
 CheckpointFormat = Literal["openai", "huggingface"]
 
 
-class WeightsError(ValueError):
+class WeightsError(ModelError):
     """GPT-2 weights that cannot be fetched, read or converted; the message names the input and the problem."""
 
 

@@ -1,4 +1,5 @@
-"""Instruction finetuning of our own GPT with LoRA (LLMs-from-scratch chapter 7 + appendix E).
+"""Engine ``groundup``: instruction finetuning of our own GPT with LoRA (LLMs-from-scratch chapter 7 +
+appendix E). :class:`GroundupEngine` is its face in ``groundup.instruct.engines``.
 
 The base is a groundup checkpoint (converted GPT-2 weights, or the pipeline's own pretrained model). Its
 chosen linear layers get LoRA adapters (``groundup.model.lora``), everything else is frozen, and the
@@ -30,12 +31,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from groundup.config import FinetuneConfig, LoRAConfig, TrainConfig
+from groundup.errors import SettingsError
 from groundup.files import sha256_file, write_json
 from groundup.instruct.batching import InstructionDataset, instruction_loader
 from groundup.instruct.data import holdout_validation, load_entries
+from groundup.instruct.engines import FinetuneBase, FinetuneJob, FinetuneOutcome, TrainCallbacks
 from groundup.instruct.prompts import format_prompt
 from groundup.model.generate import generate
-from groundup.model.gpt import GPT2_SIZES, GPTModel
+from groundup.model.gpt import GPTModel
 from groundup.model.io import load_checkpoint
 from groundup.model.lora import apply_lora, base_reference, load_lora_weights, save_adapter
 from groundup.text.tokenizers import get_tokenizer
@@ -48,17 +51,8 @@ TOKENIZER = "gpt2"
 SAMPLE_TOKENS = 50
 
 
-class FinetuneError(ValueError):
+class FinetuneError(SettingsError):
     """Settings or inputs the groundup finetuning cannot start with; raised before any training."""
-
-
-def gpt2_size(base: str) -> str | None:
-    """``gpt2-124M`` / ``gpt2-small`` / ``124M`` → ``124M``; None when ``base`` names no GPT-2 size."""
-    name = base.strip()
-    for size, preset in GPT2_SIZES.items():
-        if name.lower() in (size.lower(), f"gpt2-{size}".lower(), preset):
-            return size
-    return None
 
 
 @dataclass
@@ -145,12 +139,10 @@ def train_settings(config: FinetuneConfig, eval_batches: int) -> TrainConfig:
 
 def check_supported(config: FinetuneConfig) -> None:
     """Settings this engine refuses, checked before anything is read or written."""
-    if config.engine != "groundup":
-        raise FinetuneError(f"engine {config.engine!r}: finetune_gpt trains groundup models only")
-    if config.quantize:
+    if config.litgpt.quantize:
         raise FinetuneError(
-            f"quantize={config.quantize!r} is a LitGPT (bitsandbytes) option; the groundup engine trains "
-            "unquantized weights: leave quantize empty or use engine=litgpt"
+            f"finetune.litgpt.quantize={config.litgpt.quantize!r} is a LitGPT (bitsandbytes) option; the groundup "
+            "engine trains unquantized weights: leave it empty or use engine=litgpt"
         )
     if config.global_batch_size % config.micro_batch_size:
         raise FinetuneError(
@@ -221,10 +213,7 @@ def finetune_gpt(
     fire, and the result's progress holds the whole evaluation history.
     """
     check_supported(config)
-    try:
-        multi_device = resolve_runtime(config.runtime).world_size > 1
-    except TrainingError as exc:
-        raise FinetuneError(str(exc)) from None
+    multi_device = resolve_runtime(config.runtime, "finetune.runtime").world_size > 1
     if multi_device and not is_launched():
         job = {
             "base_dir": str(base_dir),
@@ -311,3 +300,54 @@ def launched_finetune(config: dict[str, Any], **job: Any) -> dict[str, Any] | No
     """One rank of a multi-device run, started by ``groundup.train.launch``; rank zero returns the result."""
     result = finetune_gpt(config=FinetuneConfig.model_validate(config), **job)
     return result.to_dict() if result.is_global_zero else None
+
+
+def _summary(result: GroundupFinetuneResult) -> str:
+    samples = "\n".join(f"- epoch {s['epoch']}: {s['text']!r}" for s in result.progress.samples)
+    return (
+        f"The adapter in `{result.adapter_dir}` on top of its base; {result.n_train} training / {result.n_val} "
+        f"validation entries; {result.trainable_parameters:,} of {result.total_parameters:,} parameters "
+        f"trained.\n\nAnswers to a validation prompt:\n{samples}"
+    )
+
+
+class GroundupEngine:
+    """Engine ``groundup``: LoRA adapters on a groundup checkpoint (GPT-2, the pretrained model, a directory).
+
+    The adapter (a few MB) is what gets registered, not a merged copy of the base: the base is already a
+    registered version or a directory, and the adapter records its path, weights digest and version, so
+    ``model.loading.load_model`` rebuilds the finetuned model from either.
+    """
+
+    name = "groundup"
+    stage = "finetune_groundup"  # the MLflow stage run (and lineage) name
+    accepts = ("gpt2", "pretrained", "directory")
+
+    def check(self, config: FinetuneConfig) -> None:
+        check_supported(config)
+        resolve_runtime(config.runtime, "finetune.runtime")
+
+    def prepare_base(self, base: FinetuneBase, output_root: Path, *, hf_token: str | None = None, on_line: Any = None) -> Path:
+        """A directory base is used in place (GPT-2 sizes and ``pretrained`` come from their stages)."""
+        return Path(base.value)
+
+    def train(self, job: FinetuneJob, callbacks: TrainCallbacks) -> FinetuneOutcome:
+        result = finetune_gpt(
+            job.base_dir, job.train_path, job.config, job.out_dir, val_fraction=job.val_fraction, seed=job.seed,
+            base_model_ref=job.base_model_ref,
+            hooks=TrainHooks(on_eval=callbacks.on_eval, on_progress=callbacks.on_progress),
+        )  # fmt: skip
+        return FinetuneOutcome(
+            model_dir=result.adapter_dir,
+            out_dir=result.out_dir,
+            val_file=result.val_file,
+            n_train=result.n_train,
+            n_val=result.n_val,
+            final_metrics=result.metrics,
+            loss_plot=result.loss_plot,
+            params={"resumed_from": result.resumed_from},
+            evals=result.progress.evals,
+            records={"samples.json": result.progress.samples},
+            summary=_summary(result),
+            extra={"adapter_dir": str(result.adapter_dir)},
+        )

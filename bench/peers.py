@@ -1,0 +1,368 @@
+"""groundup against what users would pick instead, Hugging Face ``transformers``, on the same weights.
+
+    python -m bench.peers                          # gpt2-small shape, CPU, 3 interleaved rounds
+    python -m bench.peers --rounds 1 --skip train  # loading and generation only
+    python -m bench.peers --device cuda            # the GPU rows (see bench/gpu.sh)
+
+A random GPT-2 is built with transformers' own ``GPT2LMHeadModel`` (every tensor perturbed, as in the tests'
+fixtures), saved as Hugging Face safetensors and converted with groundup's own converter, so both libraries
+hold the same weights; the bench checks that they compute the same logits. In one process, round after
+round, each library in turn:
+
+- load: checkpoint directory -> model ready for inference (``load_checkpoint`` / ``from_pretrained``);
+- generate: ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, KV cache on both sides
+  (groundup ``generate``, eager and with ``compile=True``; ``GPT2LMHeadModel.generate(do_sample=False)``,
+  sdpa attention); the tokens must be identical;
+- train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
+  through ``groundup.train.loop.fit`` (fused AdamW), eager and with ``train.compile``; transformers in a
+  plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``).
+
+First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
+memory is the process's resident size sampled every 2 ms during a measurement, above its start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow (~15 s) just to look for it
+
+import torch  # noqa: E402
+
+SHAPES = {"124M": (12, 768, 12), "355M": (24, 1024, 16)}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="124M", choices=list(SHAPES))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--batch", type=int, help="training batch (default: 2 on CPU, 8 on CUDA)")
+    p.add_argument("--context", type=int, default=256, help="training sequence length")
+    p.add_argument("--steps", type=int, help="timed training steps per round (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["load", "generate", "train", "compile"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def progress(line: str) -> None:
+    """Each measurement as it is taken (stderr), so a run cut short still tells what it measured."""
+    print(f"[{time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f}] {line}", file=sys.stderr, flush=True)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """Highest resident size above the start while the block runs (a sampling thread; CUDA: allocator)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start, self.running = rss_bytes(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_bytes() - self.start)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+            return
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes() - self.start)
+
+
+def timed(device: str, run: Callable[[], object]) -> tuple[object, float, int]:
+    """``run()``'s result, seconds and peak memory above the start (bytes)."""
+    with PeakMemory(device) as memory:
+        started = time.perf_counter()
+        out = run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    return out, seconds, memory.peak
+
+
+def same_weights(args: argparse.Namespace, root: Path) -> tuple[Path, Path]:
+    """A random GPT-2 as HF safetensors, and its conversion by groundup's converter."""
+    from groundup.weights import convert_checkpoint
+    from groundup.weights.fetch import local_checkpoint
+    from tests.gpt2_fixtures import save_hf, tiny_gpt2
+
+    n_layer, n_embd, n_head = SHAPES[args.size]
+    model = tiny_gpt2(seed=0, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024)
+    hf_dir = save_hf(model, root / "hf")
+    del model
+    return hf_dir, convert_checkpoint(local_checkpoint(hf_dir), root / "groundup")
+
+
+def load_groundup(directory: Path, device: str):
+    from groundup.model.io import load_checkpoint
+
+    return load_checkpoint(directory, device)
+
+
+def load_transformers(directory: Path, device: str):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
+
+
+def generate_groundup(model, prompt: torch.Tensor, new_tokens: int, compile: bool) -> torch.Tensor:
+    from groundup.model.generate import generate
+
+    return generate(model, prompt, new_tokens, compile=compile)
+
+
+def generate_transformers(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    # No end-of-text stop (groundup's generate has none unless asked): both run all new_tokens steps.
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+def training_batches(args: argparse.Namespace):
+    """The same random windows for both libraries, ``warmup + steps`` batches."""
+    from torch.utils.data import DataLoader
+
+    from bench.train import windows
+    from groundup.model.gpt import GPTConfig
+
+    dataset = windows(GPTConfig(), (args.warmup + args.steps) * args.batch, args.context)
+    return DataLoader(dataset, batch_size=args.batch)
+
+
+def train_groundup(directory: Path, args: argparse.Namespace, compile: bool) -> tuple[float, int]:
+    """Tokens/s of ``fit`` on the converted weights (dropout 0.1 like GPT-2's config), and peak memory."""
+    from bench.train import _Discard
+    from groundup.config import RuntimeConfig, TrainConfig
+    from groundup.model.gpt import GPTModel
+    from groundup.model.io import load_state, read_config
+    from groundup.train.loop import TrainHooks, fit
+
+    cfg = read_config(directory)
+    cfg.drop_rate = 0.1
+    model = load_state(directory, GPTModel(cfg))
+    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    runtime = RuntimeConfig(accelerator=args.device, precision=precision, compile=compile)
+    settings = TrainConfig(
+        epochs=1,
+        batch_size=args.batch,
+        lr=4e-4,
+        weight_decay=0.1,
+        eval_freq=10**9,
+        eval_iter=1,
+        checkpoint_every=10**9,
+        runtime=runtime,
+    )
+    loader = training_batches(args)
+    marks: dict[int, float] = {}
+    memory = PeakMemory(args.device)
+
+    def clock(done: int, total: int) -> None:
+        if done in (args.warmup, args.warmup + args.steps):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            marks[done] = time.perf_counter()
+
+    with memory, tempfile.TemporaryDirectory() as run_dir:
+        fit(model, loader, None, settings, run_dir, hooks=TrainHooks(on_progress=clock), saver=_Discard())
+    return args.steps * args.batch * args.context / (
+        marks[args.warmup + args.steps] - marks[args.warmup]
+    ), memory.peak
+
+
+def train_transformers(directory: Path, args: argparse.Namespace) -> tuple[float, int]:
+    from transformers import GPT2LMHeadModel
+
+    from groundup.train.loop import lm_loss
+
+    model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa").to(args.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+    with PeakMemory(args.device) as memory:
+        for step, (inputs, targets) in enumerate(training_batches(args)):
+            if step == args.warmup:
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+            inputs, targets = inputs.to(args.device), targets.to(args.device)
+            with autocast:
+                loss = lm_loss(model(inputs).logits, targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    return args.steps * args.batch * args.context / seconds, memory.peak
+
+
+def check_same_function(ours, theirs, device: str) -> float:
+    """Largest logit difference on one sequence: the two models must be the same function."""
+    idx = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        difference = (ours(idx) - theirs(idx).logits).abs().max().item()
+    if difference > 1e-3:
+        raise SystemExit(
+            f"the converted weights do not give the same logits (max difference {difference:.2e})"
+        )
+    return difference
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch = args.batch or (8 if gpu else 2)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = 1 if not gpu else 3
+    compile_too = "compile" not in args.skip
+    speeds: dict[str, list[float]] = defaultdict(list)  # row -> one value per round
+    memory: dict[str, int] = {}
+    first_call: dict[str, float] = {}
+    identical: list[bool] = []
+
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        print(
+            f"writing a random {args.size} GPT-2 (HF safetensors + groundup conversion) ...", file=sys.stderr
+        )
+        hf_dir, ours_dir = same_weights(args, Path(tmp))
+        ours, theirs = load_groundup(ours_dir, args.device), load_transformers(hf_dir, args.device)
+        difference = check_same_function(ours, theirs, args.device)
+        prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
+        prompt = prompt.to(args.device)
+        if "generate" not in args.skip:  # warm-ups: untimed, but the first call's seconds are reported
+            warm_ups = {
+                "groundup generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
+                "transformers generate": lambda: generate_transformers(theirs, prompt, args.new_tokens),
+            }
+            if compile_too:
+                warm_ups["groundup generate, compile"] = lambda: generate_groundup(
+                    ours, prompt, args.new_tokens, True
+                )
+            for name, run in warm_ups.items():
+                first_call[name] = timed(args.device, run)[1]
+                progress(f"first call of {name}: {first_call[name]:.1f} s")
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1}/{args.rounds} ...", file=sys.stderr)
+            if "load" not in args.skip:
+                for name, load, directory in (
+                    ("load", load_groundup, ours_dir),
+                    ("load ref", load_transformers, hf_dir),
+                ):
+                    _, seconds, peak = timed(args.device, functools.partial(load, directory, args.device))
+                    speeds[name].append(seconds)
+                    memory[name] = max(memory.get(name, 0), peak)
+                    progress(f"{name}: {seconds:.2f} s")
+            if "generate" not in args.skip:
+                runs = {
+                    "generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
+                    "generate ref": lambda: generate_transformers(theirs, prompt, args.new_tokens),
+                }
+                if compile_too:
+                    runs["generate compile"] = lambda: generate_groundup(ours, prompt, args.new_tokens, True)
+                outputs = {}
+                for name, run in runs.items():
+                    outputs[name], seconds, peak = timed(args.device, run)
+                    speeds[name].append(args.new_tokens / seconds)
+                    memory[name] = max(memory.get(name, 0), peak)
+                    progress(f"{name}: {args.new_tokens / seconds:.2f} tok/s")
+                identical.append(all(torch.equal(out, outputs["generate ref"]) for out in outputs.values()))
+            if "train" not in args.skip:
+                for name, train in (
+                    ("train", lambda: train_groundup(ours_dir, args, False)),
+                    ("train ref", lambda: train_transformers(hf_dir, args)),
+                    ("train compile", lambda: train_groundup(ours_dir, args, True)),
+                ):
+                    if name == "train compile" and not compile_too:
+                        continue
+                    speed, peak = train()
+                    speeds[name].append(speed)
+                    memory[name] = max(memory.get(name, 0), peak)
+                    progress(f"{name}: {speed:.1f} tok/s")
+
+    device = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    import transformers
+
+    print(
+        f"groundup vs transformers {transformers.__version__} GPT2LMHeadModel (sdpa), {args.size} shape, same "
+        f"weights (max logit difference {difference:.1e}); {device}; torch {torch.__version__}; "
+        f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f} at the end\n"
+    )
+    print(
+        "| measurement | groundup | transformers | groundup ÷ transformers (per round) | peak memory MB, groundup / transformers |"
+    )
+    print("| --- | ---: | ---: | --- | --- |")
+
+    def row(label: str, ours_key: str, ref_key: str, unit: str) -> None:
+        if ours_key not in speeds:
+            return
+        ratios = ", ".join(f"{a / b:.2f}×" for a, b in zip(speeds[ours_key], speeds[ref_key], strict=True))
+        mb = f"{memory[ours_key] / 1e6:,.0f} / {memory[ref_key] / 1e6:,.0f}"
+        print(
+            f"| {label} | {statistics.median(speeds[ours_key]):,.2f} {unit} | "
+            f"{statistics.median(speeds[ref_key]):,.2f} {unit} | {ratios} | {mb} |"
+        )
+
+    row("load a checkpoint (lower is better)", "load", "load ref", "s")
+    row(f"generate {args.new_tokens} tokens, greedy, KV cache", "generate", "generate ref", "tok/s")
+    row("… groundup with `compile=True`", "generate compile", "generate ref", "tok/s")
+    row(
+        f"train, batch {args.batch} × {args.context}" + (", bf16-mixed" if gpu else ", fp32"),
+        "train",
+        "train ref",
+        "tok/s",
+    )
+    row("… groundup with `train.compile`", "train compile", "train ref", "tok/s")
+    if identical:
+        print(
+            f"\ngreedy tokens identical (groundup eager{', compiled' if compile_too else ''} and transformers): "
+            f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds"
+        )
+    if first_call:
+        print(
+            "first calls (untimed warm-ups, compilation included): "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first_call.items())
+        )
+    return 0 if all(identical) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

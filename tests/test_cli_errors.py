@@ -1,0 +1,76 @@
+"""Every CLI verb on one bad input of its kind: a non-zero exit, one ``groundup:`` line that names the
+input, and no traceback anywhere (the real command in a subprocess, Prefect's own logs included)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ENTRY = {"instruction": "Say hi.", "input": "", "output": "hi"}
+
+
+def closed_loopback_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
+    """``(argv, what the error line must name)`` for every verb that takes input."""
+    import json
+
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text('[{"instruction": "a", "input": ""', encoding="utf-8")
+    good = tmp_path / "instructions.json"
+    good.write_text(json.dumps([ENTRY] * 10), encoding="utf-8")
+    absent = tmp_path / "absent"
+    url = f"http://127.0.0.1:{closed_loopback_port()}/the-verdict.txt"
+    cases = [
+        (["pretrain", "--set", "train.nope=1"], "train.nope"),  # unknown setting
+        (["run", "--sources-dir", str(absent)], str(absent)),  # missing files
+        (["data", "--source", url], url),  # unreachable URL
+        (["instruct", "split", "--source", str(malformed)], "malformed.json"),  # malformed data
+        (["gpt2", "--from", str(absent)], str(absent)),
+        (["respond", str(absent / "test.json"), str(empty_dir), str(empty_dir)], "test.json"),
+        (["judge", str(absent / "responses.jsonl")], "responses.jsonl"),
+        (["evaluate", str(malformed), str(empty_dir), str(empty_dir)], "malformed.json"),
+        (["lineage", "no-such-model"], "no-such-model"),
+    ]
+    if not torch.cuda.is_available():  # absent accelerator
+        cases += [
+            (["generate", str(empty_dir), "Hi", "--accelerator", "cuda"], "--accelerator='cuda'"),
+            (
+                ["finetune", "--base", str(empty_dir), "--set", f"instruct.source={good}",
+                 "--set", "runtime.accelerator=cuda"],
+                "finetune.runtime.accelerator='cuda'",
+            ),  # fmt: skip
+        ]
+    return cases
+
+
+@pytest.mark.slow
+def test_each_verb_refuses_a_bad_input_in_one_line(prefect_harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    # The subprocesses report to this session's Prefect API instead of starting one each.
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": ""}
+    env.pop("MLFLOW_TRACKING_URI")
+    out = tmp_path / "artifacts"
+    failures = []
+    for argv, named in bad_inputs(tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-m", "groundup.cli", *argv, "--output-dir", str(out)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        lines = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if line.startswith("groundup:")]
+        if done.returncode == 0 or len(lines) != 1 or named not in lines[0] or "Traceback" in done.stderr + done.stdout:
+            failures.append(f"{argv[0]}: exit {done.returncode}, lines {lines}\n{done.stderr[-2000:]}")
+    assert not failures, "\n\n".join(failures)
