@@ -59,6 +59,7 @@ def promote(
         output_dir=output_dir,
         experiment=experiment,
     ) as run:
+        run.log_model_inputs([tracking.model_id_of(version)])
         tracking.set_alias(version.name, CANDIDATE, version.version)
         champion = registered_champion(tracking.alias_target(version.name, CHAMPION))
         decision = decide(ref, score, basis, champion, refusal=refusal)

@@ -5,6 +5,7 @@ servers and with `groundup lineage`. Both servers and the serving process are st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from groundup import serving
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 from tests.s3_fixtures import stop_process_group
-from tests.test_pipeline import ALWAYS, CACHED
+from tests.test_pipeline import ALWAYS, CACHED, check_mlflow_graph
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +87,13 @@ def _groundup(*args: str, env: dict[str, str], timeout: float = 300) -> str:
     return done.stdout
 
 
+def client_environment(tmp_path: Path) -> dict[str, str]:
+    """The client processes find the servers through artifacts/servers.json, as after `groundup ui`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-client"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
 @pytest.fixture
 def servers(tmp_path):
     out = tmp_path / "artifacts"
@@ -106,22 +114,28 @@ def test_pipeline_deployment_on_real_servers(
     sources = sources_dir(
         tmp_path / "sources", verdict_path, instruction_data_path, gpt2_vocab_dir, tiny_gpt2_dir(tmp_path / "hf")
     )
-    # The client processes find the servers through artifacts/servers.json, as after `groundup ui`.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-client"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = client_environment(tmp_path)
 
-    with ChatServer(judge_reply) as judge, open(tmp_path / "serve.log", "wb") as log:
+    with ChatServer(judge_reply) as judge, served(out, sources, [], env, tmp_path / "serve.log") as serve:
+        check_deployments_and_runs(api, serve, out, sources, judge.base_url, env)
+
+
+@contextlib.contextmanager
+def served(out: Path, sources: Path, overrides: list[str], env: dict[str, str], log_path: Path):
+    """``groundup serve`` in its own process group, ended by pid; its log is printed if the body fails."""
+    settings = [arg for override in overrides for arg in ("--set", override)]
+    argv = [sys.executable, "-m", "groundup.cli", "serve", "--output-dir", str(out), "--sources-dir", str(sources)]
+    with open(log_path, "wb") as log:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "groundup.cli", "serve", "--output-dir", str(out), "--sources-dir", str(sources)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            check_deployments_and_runs(api, serve, out, sources, judge.base_url, env)
-        except BaseException:
-            print((tmp_path / "serve.log").read_text(errors="replace")[-6000:])
-            raise
-        finally:
-            stop_process_group(serve)
+            [*argv, *settings], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield serve
+    except BaseException:
+        print(log_path.read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        stop_process_group(serve)
 
 
 def check_deployments_and_runs(api: PrefectAPI, serve, out: Path, sources: Path, judge_url: str, env) -> None:
@@ -177,6 +191,7 @@ def check_mlflow(out: Path, env: dict[str, str], flow_run_id: str) -> None:
     by_stage = {r.data.tags["groundup.stage"]: r for r in stages}
     assert {d.dataset.name for d in by_stage["data"].inputs.dataset_inputs} >= {"the-verdict.txt"}
     assert "final_val_loss" in by_stage["pretrain"].data.metrics
+    check_mlflow_graph(client, pipeline_run.info.run_id, pipeline_run.data.tags["groundup.model.weights"])
 
     finetuned = pipeline_run.data.tags["groundup.model.finetune"]
     name = finetuned.split("/")[0]

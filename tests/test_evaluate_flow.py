@@ -131,8 +131,14 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
     assert runs[result["judge"]["run_id"]]["judge.difference.mean"] == pytest.approx(35.0)
     assert f"mc.{MC_TASK}.acc" in runs[result["mc_eval"]["finetuned_model"]["run_id"]]
     version = tracking.resolve_version(ref)
-    logged = client.get_logged_model(version.tags[tracking.TAG + "model_id"])
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert "judge.finetuned_model.mean" in {m.key for m in logged.metrics or []}
+    # MLflow's own graph: the evaluated model is an input of the evaluation runs
+    for run_id in (result["judge"]["run_id"], result["mc_eval"]["finetuned_model"]["run_id"]):
+        assert logged.model_id in {m.model_id for m in client.get_run(run_id).inputs.model_inputs}
+    assert f"[judge_responses](#/experiments/{judge_run.info.experiment_id}/runs/{judge_run.info.run_id})" in (
+        client.get_model_version(version.name, version.version).description
+    )
 
     # Prefect artifacts: per-entry table, summary, responses preview
     for key in ("judge-scores", "judge-summary", "test-responses", "mc-eval-finetuned-model"):
@@ -162,7 +168,7 @@ def test_cli_respond_and_judge(setup, tiny_litgpt_dir, mlflow_tracking, prefect_
         assert main([*judge, *(arg for s in settings for arg in ("--set", s))]) == 0
     judged = json.loads(capsys.readouterr().out)
     assert judged["summary"]["base_model"]["unparsed"] == 1
-    assert judged["run_id"] in tracking.resolve_version(ref).tags[tracking.TAG + "evaluated_by"]
+    assert judged["run_id"] in [e["run_id"] for e in tracking.lineage(ref)["evaluations"]]
 
     missing = Path(out) / "nope"
     assert main(["respond", str(test_data), str(base), str(missing), *common]) == 1

@@ -81,7 +81,7 @@ def test_finetune_flow_trains_tracks_registers_and_caches(
 
     assert result["model_ref"] == "finetuned-tiny-pythia/1"
     node = tracking.lineage(result["model_ref"])
-    assert node["datasets"] == {"instruct-train": split["train_sha256"]}
+    assert node["datasets"]["instruct-train"] == split["train_sha256"] and set(node["datasets"]) == set(inputs)
     assert node["parent"] == {"model": f"dir:{tiny_litgpt_dir}", "external": True}
     version = tracking.resolve_version(result["model_ref"])
     assert version.tags["groundup.base_sha256"] == result["base_sha256"]

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from groundup import serving, tracking
 from groundup.config import ConfigError, PipelineConfig, load_config, local_sources
@@ -179,6 +180,7 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     assert node["parent"]["model"] == result["weights"]["model_version"]
     assert node["parent"]["stage"] == "gpt2_weights"
     assert tracking.lineage(result["pretrain"]["model_version"])["datasets"]["pretrain-tokens"] == result["data"]["parquet_sha256"]
+    check_mlflow_graph(MlflowClient(tracking.client().tracking_uri), result["run_id"], result["weights"]["model_version"])
 
     # The judge is unreachable: the flow fails with the judge's error; nothing before it ran again.
     dead = tiny_config(sources, out, "http://127.0.0.1:9/v1", ["judge.max_new_tokens=5"])
@@ -204,6 +206,31 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
 
     # Last, as they start servers of their own: the next steps the first run's summary printed.
     run_next_commands(result, out)
+
+
+def check_mlflow_graph(client, pipeline_run_id: str, base_ref: str) -> None:
+    """MLflow's own lineage, read with a plain ``MlflowClient`` (the REST API against a server): the models
+    a stage consumed are inputs of its run, the models it produced outputs; the parent run lists datasets."""
+    parent = client.get_run(pipeline_run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pipeline_run_id}'")
+    # search_runs leaves out model inputs and outputs: get_run has them
+    stages = {r.data.tags["groundup.stage"]: client.get_run(r.info.run_id) for r in children}
+
+    def model_id(ref: str) -> str:
+        name, version = ref.rsplit("/", 1)
+        return client.get_model_version(name, version).source.removeprefix("models:/")
+
+    base, finetuned = model_id(base_ref), model_id(parent.data.tags["groundup.model.finetune"])
+    finetune_run = stages["finetune_groundup"]
+    assert base in {m.model_id for m in finetune_run.inputs.model_inputs}
+    assert finetuned in {m.model_id for m in finetune_run.outputs.model_outputs}
+    assert client.get_logged_model(finetuned).source_run_id == finetune_run.info.run_id
+    assert finetuned in {m.model_id for m in stages["judge_responses"].inputs.model_inputs}
+    pretrained = model_id(parent.data.tags["groundup.model.pretrain"])
+    assert pretrained in {m.model_id for m in stages["pretrain"].outputs.model_outputs}
+    assert {"the-verdict.txt", "pretrain-tokens", "instruct-train", "instruct-test"} <= {
+        d.dataset.name for d in parent.inputs.dataset_inputs
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

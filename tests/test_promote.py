@@ -54,6 +54,10 @@ def test_first_version_becomes_candidate_and_champion(registry, prefect_harness,
     assert tags[PROMOTION_TAG] == "champion" and tags[PROMOTION_TAG + ".reason"] == "no champion yet"
     run = tracking.client().get_run(tags[PROMOTION_TAG + ".run_id"])
     assert run.data.metrics["candidate_score"] == 41.5 and run.data.metrics["promoted"] == 1.0
+    # the promoted model is an input of the promote run; the description records the decision
+    version = tracking.resolve_version(v1)
+    assert [m.model_id for m in run.inputs.model_inputs] == [version.source.removeprefix("models:/")]
+    assert "- Promotion: champion (no champion yet)" in version.description
 
 
 def test_a_better_version_takes_over_and_the_comparison_is_recorded(registry, prefect_harness, tmp_path, model):

@@ -38,11 +38,11 @@ def test_flow_registers_the_model_with_its_source_files_as_lineage(reference, hf
     version = tracking.resolve_version(result["model_version"])
     safetensors_sha256 = sha256_file(hf_dir / "model.safetensors")
     assert version.tags["groundup.parent"] == f"dir:{hf_dir.resolve()}"
-    assert version.tags["groundup.dataset.model.safetensors"] == safetensors_sha256
     assert version.tags["groundup.source_url.config.json"] == str(hf_dir.resolve() / "config.json")
     tree = tracking.lineage(result["model_version"])
     assert tree["parent"] == {"model": f"dir:{hf_dir.resolve()}", "external": True}
     assert tree["stage"] == "gpt2_weights"
+    assert tree["datasets"]["model.safetensors"] == safetensors_sha256  # the run's input, full digest
     # The stage run logged the source files as its inputs and the smoke generation as an artifact.
     run = tracking.client().get_run(result["run_id"])
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"config.json", "model.safetensors"}
