@@ -12,6 +12,9 @@ Our GPT batches prompts of any lengths (right-padded; its KV cache keeps each ro
 batches of similar lengths. LitGPT's token loop cannot pad a batch, so there a batch is a group of prompts
 with the same token length: exact, and a real speed-up where lengths repeat; other lengths run alone.
 The response stage, the judge and the multiple-choice evaluation all use this module.
+
+Over 350 lines on purpose: both backends side by side behind one interface, so a reader compares how each
+loads, batches and stops in one place.
 """
 
 from __future__ import annotations
