@@ -52,3 +52,21 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from groundup import tracking\n    import mlflow.client\n")
     assert imported_modules(module) == [(2, "groundup"), (2, "groundup.tracking"), (3, "mlflow.client")]
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject lists the packages explicitly (flows/ and tasks/ map into groundup): a new subpackage that is
+    not listed is missing from a wheel install while editable installs still work (tests/test_wheel.py
+    shows it too, in minutes; this says it at once)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    settings = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    listed = set(settings["packages"])
+    roots = {package: root / folder for package, folder in settings["package-dir"].items()}
+    found = set()
+    for package, folder in roots.items():
+        for init in folder.rglob("__init__.py"):
+            relative = init.parent.relative_to(folder).parts
+            found.add(".".join((package, *relative)))
+    assert found - listed == set(), f"packages missing from pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
