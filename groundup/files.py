@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,9 +80,12 @@ def publish_rename(source: Path, destination: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | Path) -> Iterator[Path]:
+def atomic_directory(destination: str | Path, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``destination`` to fill; it replaces ``destination`` as a whole
-    only if the block succeeds, so a failure or a kill never leaves a half-written directory there."""
+    only if the block succeeds, so a failure or a kill never leaves a half-written directory there.
+
+    ``keep(destination)`` true means what is there already is as good as ours (a content-addressed output
+    another run published first): it stays, ours is dropped, and readers of it are never pulled away."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
@@ -97,6 +100,8 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
             except OSError as exc:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
+            if keep is not None and keep(destination):
+                break
             old = tmp.with_suffix(".old")
             with contextlib.suppress(FileNotFoundError):
                 os.replace(destination, old)

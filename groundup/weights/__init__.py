@@ -80,7 +80,8 @@ def convert_checkpoint(source: SourceCheckpoint, out_dir: str | Path) -> Path:
     """Read, convert and write ``source`` as a groundup checkpoint in ``out_dir`` (replaced as a whole)."""
     _check_replaceable(Path(out_dir))
     model = build_model(read_weights(source))
-    with atomic_directory(out_dir) as staging:
+    # Two runs converting the same source (content-addressed name) at once: the first one published stays.
+    with atomic_directory(out_dir, keep=lambda published: is_conversion_of(published, source)) as staging:
         save_checkpoint(model, staging, {"tokenizer": "gpt2", "source": source.to_dict()})
     return Path(out_dir)
 
