@@ -170,12 +170,13 @@ def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, v
     assert run.data.params["train.lr"] == "0.003" and run.data.params["model.preset"] == "gpt-tiny"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loss.png", "samples.json", "config.json"} <= artifacts
-    [dataset] = run.inputs.dataset_inputs
-    assert dataset.dataset.digest == result["parquet_sha256"][:16]
+    # The token file is the run's own dataset; the model's text (recorded by the data stage) is linked too.
+    datasets = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert datasets["pretrain-tokens"].digest == result["parquet_sha256"][:16]
 
     version = client.get_model_version("groundup-gpt", "1")
-    assert version.tags["groundup.dataset.pretrain-tokens"] == result["parquet_sha256"]
-    assert len(version.tags["groundup.dataset.text"]) == 64
+    # Lineage lives in MLflow's graph: the version's run holds the token file and the text it came from.
+    assert version.run_id == run.info.run_id and "text" in datasets
     assert json.loads(version.tags["groundup.gpt_config"])["context_length"] == 32
     registered = load_checkpoint(tracking.model_directory("groundup-gpt/1"))
     trained = load_checkpoint(result["checkpoint"])
