@@ -133,7 +133,10 @@ def _adopt_datasets(run: TrackedRun, datasets: Mapping[str, str]) -> dict[str, s
         recorded = [(r.info.run_id, i) for r in found for i in r.inputs.dataset_inputs if i.dataset.digest == digest[:16]]
         if recorded:
             recorder, entry = recorded[-1]  # search_runs lists the newest first: the first run that recorded it
-            tags = [*entry.tags, InputTag(RECORDED_BY_INPUT_TAG, recorder)]
+            # That run may itself have adopted it (another pipeline on this store at the same moment): point at
+            # the run that recorded it first, and give the input one recorded_by tag (MLflow's key is unique).
+            recorder = next((t.value for t in entry.tags if t.key == RECORDED_BY_INPUT_TAG), recorder)
+            tags = [*(t for t in entry.tags if t.key != RECORDED_BY_INPUT_TAG), InputTag(RECORDED_BY_INPUT_TAG, recorder)]
             run.log_dataset_inputs([DatasetInput(entry.dataset, tags)])
         else:
             unrecorded[name] = digest
