@@ -8,13 +8,26 @@ artifact store, since the worker shares no filesystem with the pipeline. On the 
 downloads those into its own cache, calls the task (cached on content like any other), publishes the
 files and directories the task returned to the store and returns their URLs; the pipeline side fetches
 them into its cache and hands local paths on to the next stage. Unplaced stages run in-process as before.
+
+Cache hits hold on any worker: a finished placed stage records its published result in the store under a
+digest of what defines it (the task, its code, its arguments as URLs and JSON), and a later run of the same
+stage on any worker finds that record first and hands the URLs back (state ``Cached``) without computing
+or even downloading anything. Prefect's own cache key of a task cannot do that across workers: it holds the
+worker's output directory, and the result it caches holds that worker's local paths.
+
+A worker that dies mid-stage (its machine gone, ``SIGKILL``) leaves its flow run Running; the cluster's
+heartbeat automation marks it Crashed (``groundup.cluster``) and :func:`dispatch` then starts the stage
+again, once, on whichever worker of the pool is up; finetuning resumes there from the checkpoint it kept
+in the store (``tasks/finetune.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
+import json
 import os
 import typing
 from pathlib import Path
@@ -24,10 +37,13 @@ from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.deployments.runner import EntrypointType
+from prefect.states import Completed
 
 from groundup import environment, store
 from groundup.config import Settings
-from groundup.errors import GroundupError, ModelError
+from groundup.errors import GroundupError, ModelError, SourceUnreachable
+from groundup.files import sha256_file, sha256_tree
+from groundup.tasks.common import UNKEYED, retry_if_transient
 
 STAGE_FLOW = "groundup-stage"
 # Where a worker keeps placed stages' outputs: the worker's own setting (a flow run's working directory is a
@@ -36,6 +52,8 @@ WORK_DIR_ENV = "GROUNDUP_WORK_DIR"
 WORKER_OUTPUT_DIR = "groundup-work"
 # Parameters that say where things go on the machine that runs the stage: each side fills in its own.
 LOCAL_PARAMETERS = {"output_dir"}
+# A placed stage whose worker crashed runs again this many times (then the pipeline fails with the crash).
+CRASH_RETRIES = 1
 
 
 def task_path(stage_task: Task) -> str:
@@ -111,12 +129,87 @@ def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
     return bound
 
 
+def to_json(value: Any) -> Any:
+    """A stage result (URLs inside) as JSON: dataclasses tagged with their class, restored by :func:`from_json`."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
+        fields = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return {"__dataclass__": f"{kind.__module__}:{kind.__qualname__}", "fields": fields}
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "__dataclass__" in value:
+        module, _, name = value["__dataclass__"].partition(":")
+        if not module.startswith("groundup."):
+            raise ModelError(f"a stage record names the class {value['__dataclass__']!r}, not a groundup result")
+        kind = getattr(importlib.import_module(module), name)
+        return kind(**{k: from_json(v) for k, v in value["fields"].items()})
+    if isinstance(value, dict):
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
+
+
+def stage_key(stage_task: Task, arguments: dict[str, Any]) -> str:
+    """What defines a placed stage's result, on any machine: the task, its code and its arguments as they
+    travel (store URLs are content-addressed, settings are JSON; where to log is left out). A local file a
+    setting names (a shared filesystem) counts by its content, as in the task's own cache key."""
+
+    def content(item: Any) -> Any:
+        if isinstance(item, str) and os.path.isabs(item) and "\n" not in item:
+            path = Path(item)
+            if path.is_file():
+                return {"file_sha256": sha256_file(path)}
+            if path.is_dir():
+                return {"tree_sha256": sha256_tree(path)}
+        return item
+
+    try:
+        source = inspect.getsource(stage_task.fn)
+    except (OSError, TypeError):
+        source = stage_task.fn.__qualname__
+    keyed = {name: value for name, value in arguments.items() if name not in UNKEYED}
+    payload = {"task": task_path(stage_task), "source": source, "arguments": transform(keyed, content)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def published_result(artifacts: store.ArtifactStore, key: str) -> Any | None:
+    """The result a run of this stage published earlier, on any worker, if every artifact of it is still in
+    the store; else None."""
+    record = artifacts.read_record(f"stages/{key}")
+    if record is None:
+        return None
+    urls: list[str] = []
+    transform(record["result"], lambda item: urls.append(item) if artifacts.owns(item) else None)
+    if not all(artifacts.exists(url) for url in urls):
+        return None
+    return from_json(record["result"])
+
+
+@task(cache_policy=NO_CACHE)
+def reuse_published(result: Any, key: str) -> Any:
+    """Stands for the stage on a cache hit through the store, so its flow run shows the stage as Cached."""
+    return Completed(data=result, name="Cached", message=f"outputs published earlier (stage record {key[:16]})")
+
+
 @flow(name=STAGE_FLOW, log_prints=True)
 def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir: str | None = None) -> dict:
-    """One pipeline stage on this worker: its inputs fetched from the store, its outputs published there."""
+    """One pipeline stage on this worker: its inputs fetched from the store, its outputs published there;
+    a stage some worker already ran with these arguments is a cache hit without computing anything."""
     out = str(environment.prepare(output_dir or os.environ.get(WORK_DIR_ENV) or WORKER_OUTPUT_DIR))
     artifacts = artifact_store(out)
     stage_task = load_task(task_path)
+    key = stage_key(stage_task, arguments)
+    published = published_result(artifacts, key)
+    if published is not None:
+        reuse_published.with_options(task_run_name=stage)(published, key)
+        return {"result": published, "state": "Cached"}
     inputs = bind(stage_task, to_paths(arguments, artifacts))
     inputs.update({name: out for name in LOCAL_PARAMETERS if name in inspect.signature(stage_task.fn).parameters})
     state = stage_task.with_options(task_run_name=stage)(**inputs, return_state=True)
@@ -125,10 +218,12 @@ def run_stage(stage: str, task_path: str, arguments: dict[str, Any], output_dir:
         get_run_logger().info("%s: cached outputs are not on this worker; computing them", stage)
         state = stage_task.with_options(task_run_name=stage, refresh_cache=True)(**inputs, return_state=True)
         result = state.result()
-    return {"result": to_urls(result, artifacts), "state": state.name}
+    published = to_urls(result, artifacts)
+    artifacts.write_record(f"stages/{key}", {"stage": stage, "task": task_path, "result": to_json(published)})
+    return {"result": published, "state": state.name}
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=CRASH_RETRIES, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
 def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """Run a stage as a flow run of ``groundup-stage/<pool>`` (a child of this task run) and wait for it;
     returns the stage's result (local paths) and where it ran (with the store URLs it exchanged)."""
@@ -138,6 +233,11 @@ def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], o
         f"{STAGE_FLOW}/{pool}", parameters=parameters, timeout=None, as_subflow=True,
         flow_run_name=f"{stage} on {pool}",
     )  # fmt: skip
+    if flow_run.state.is_crashed():  # the worker died (no heartbeat): worth running again on another one
+        raise SourceUnreachable(
+            f"stage {stage} on work pool {pool}: the worker crashed ({flow_run.state.message})",
+            fix=f"start a worker of {pool} again (prefect worker start --pool {pool})", transient=True,
+        )  # fmt: skip
     if not flow_run.state.is_completed():
         raise GroundupError(f"stage {stage} on work pool {pool}: {flow_run.state.name}: {flow_run.state.message}")
     reply = flow_run.state.result()

@@ -7,7 +7,10 @@
 - an S3-protocol server (moto's, in memory; MinIO or AWS S3 in production) with the bucket;
 - a Prefect server on PostgreSQL, with a ``remote-file-system`` block on the bucket for flow results;
 - an MLflow server on PostgreSQL whose clients write artifacts straight to the bucket (``s3://`` URIs);
-- the process work pools ``groundup-cpu`` and ``groundup-gpu``, each with a worker in its own directory.
+- the process work pools ``groundup-cpu`` and ``groundup-gpu``, each with a worker in its own directory;
+- crash detection: flow runs heartbeat every ``heartbeat_seconds`` (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``),
+  and an automation (Prefect's "detect zombie flows") marks a run Crashed when none came for
+  ``crash_after_seconds``: a worker killed with its machine leaves no run Running forever.
 
 Pids, ports and the environment clients need are recorded in ``<dir>/cluster.json``; ``down`` ends exactly
 those process groups. On real machines each line of :func:`client_environment` is what a worker's machine
@@ -35,6 +38,10 @@ from groundup.serving import HOST, Server, free_port, terminate, wait_until_heal
 STATE_FILE = "cluster.json"
 POOLS = ("groundup-cpu", "groundup-gpu")
 RESULTS_BLOCK = "groundup-results"
+CRASH_AUTOMATION = "groundup: crash flow runs without heartbeats"
+# Prefect's smallest heartbeat interval; a run is declared crashed after three missed beats.
+HEARTBEAT_SECONDS = 30
+CRASH_AFTER_SECONDS = 90
 DB_USER = "groundup"
 # moto accepts any credentials; a real store's come from the machine's usual AWS configuration.
 REHEARSAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "groundup", "AWS_SECRET_ACCESS_KEY": "groundup", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -216,14 +223,22 @@ def start_mlflow(logs: Path, database: str, artifacts: str, env: dict[str, str])
     return server
 
 
-def configure_prefect(env: dict[str, str], results: str) -> None:
-    """The work pools and the result storage block, through the Prefect server's API (a subprocess, so this
-    process's own Prefect settings stay untouched)."""
+def configure_prefect(env: dict[str, str], results: str, crash_after_seconds: float = CRASH_AFTER_SECONDS) -> None:
+    """The work pools, the result storage block and the crash automation, through the Prefect server's API
+    (a subprocess, so this process's own Prefect settings stay untouched). The automation is the one of
+    Prefect's guide to zombie flow runs: after a heartbeat, expect another heartbeat or a final state within
+    ``crash_after_seconds``, per flow run, else set that run Crashed."""
     script = f"""
+from datetime import timedelta
+from prefect.automations import Automation
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.filesystems import RemoteFileSystem
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from groundup.store import storage_options
 RemoteFileSystem(basepath={results!r}, settings=storage_options({results!r})).save({RESULTS_BLOCK!r}, overwrite=True)
 with get_client(sync_client=True) as client:
@@ -232,6 +247,22 @@ with get_client(sync_client=True) as client:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except ObjectAlreadyExists:
             pass
+try:
+    Automation.read(name={CRASH_AUTOMATION!r}).delete()
+except (ObjectNotFound, ValueError):
+    pass
+Automation(
+    name={CRASH_AUTOMATION!r},
+    trigger=EventTrigger(
+        after={{"prefect.flow-run.heartbeat"}},
+        expect={{"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}},
+        match=ResourceSpecification({{"prefect.resource.id": ["prefect.flow-run.*"]}}),
+        for_each={{"prefect.resource.id"}}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds={float(crash_after_seconds)!r}),
+    ),
+    actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat for {crash_after_seconds:.0f} s: its worker is gone")],
+).create()
 """
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -255,9 +286,13 @@ def start_worker(pool: str, workdir: Path, logs: Path, env: dict[str, str]) -> S
     return Server(f"worker-{pool}", process.pid, "", "", str(log), f"--pool {pool}")
 
 
-def wait_for_workers(api_url: str, pools: tuple[str, ...], servers: dict[str, Server], timeout: float = 300.0) -> None:
-    """Until every pool has an online worker (a worker heartbeats once it has started)."""
+def wait_for_workers(
+    api_url: str, pools: tuple[str, ...], servers: dict[str, Server], timeout: float = 300.0, since: float = 0.0
+) -> None:
+    """Until every pool has an online worker (a worker heartbeats once it has started); ``since``: a
+    heartbeat after this time (a restarted worker, whose record the dead one left ONLINE for a while)."""
     import urllib.request
+    from datetime import datetime
 
     deadline = time.monotonic() + timeout
     waiting = set(pools)
@@ -268,7 +303,11 @@ def wait_for_workers(api_url: str, pools: tuple[str, ...], servers: dict[str, Se
                 headers={"Content-Type": "application/json"},
             )  # fmt: skip
             with urllib.request.urlopen(request, timeout=30) as response:
-                if any(w["status"] == "ONLINE" for w in json.loads(response.read())):
+                workers = json.loads(response.read())
+                if any(
+                    w["status"] == "ONLINE" and w["last_heartbeat_time"] and datetime.fromisoformat(w["last_heartbeat_time"]).timestamp() > since
+                    for w in workers
+                ):
                     waiting.discard(pool)
         worker = next((servers[f"worker-{p}"] for p in waiting if not servers[f"worker-{p}"].alive()), None)
         if worker:
@@ -283,8 +322,19 @@ def wait_for_workers(api_url: str, pools: tuple[str, ...], servers: dict[str, Se
 # ---------------------------------------------------------------------------------------------------------
 
 
-def up(directory: str | Path, bucket: str = "groundup", worker_dirs: dict[str, str | Path] | None = None) -> dict:
+def up(
+    directory: str | Path,
+    bucket: str = "groundup",
+    worker_dirs: dict[str, str | Path] | None = None,
+    heartbeat_seconds: int = HEARTBEAT_SECONDS,
+    crash_after_seconds: float = CRASH_AFTER_SECONDS,
+) -> dict:
     """Start everything (see the module docstring); returns the recorded state."""
+    if heartbeat_seconds < HEARTBEAT_SECONDS or crash_after_seconds <= heartbeat_seconds:
+        raise SettingsError(
+            f"heartbeat every {heartbeat_seconds} s, crashed after {crash_after_seconds} s",
+            fix=f"beat every {HEARTBEAT_SECONDS} s or more (Prefect's minimum), crash after several beats",
+        )
     directory = Path(directory).resolve()
     if any(Server(**s).alive() for s in read_state(directory).get("servers", {}).values()):
         raise SettingsError(f"a cluster is already running for {directory}", fix="groundup cluster down first")
@@ -315,9 +365,10 @@ def up(directory: str | Path, bucket: str = "groundup", worker_dirs: dict[str, s
             "GROUNDUP_STORE_URL": f"s3://{bucket}/store",
             "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
             "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"remote-file-system/{RESULTS_BLOCK}",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds),
         }  # fmt: skip
         state["environment"] = environment
-        configure_prefect({**base_env, **environment}, f"s3://{bucket}/prefect-results")
+        configure_prefect({**base_env, **environment}, f"s3://{bucket}/prefect-results", crash_after_seconds)
         state["worker_dirs"] = {
             pool: str(Path((worker_dirs or {}).get(pool) or directory / "workers" / pool).resolve()) for pool in POOLS
         }
@@ -333,6 +384,27 @@ def up(directory: str | Path, bucket: str = "groundup", worker_dirs: dict[str, s
     return state
 
 
+def restart_worker(directory: str | Path, pool: str, workdir: str | Path | None = None) -> Server:
+    """Start ``pool``'s worker again (after its machine died), in ``workdir`` when given (a fresh machine:
+    nothing of the old one's files), and record its pid there for ``down``."""
+    state = read_state(directory)
+    name = f"worker-{pool}"
+    if name not in state.get("servers", {}):
+        raise SettingsError(f"no cluster with a {pool} worker is recorded in {state_path(directory)}",
+                            fix="groundup cluster up first")  # fmt: skip
+    old = Server(**state["servers"][name])
+    if old.alive():
+        terminate(old)
+    workdir = Path(workdir or state["worker_dirs"][pool]).resolve()
+    env = {**REHEARSAL_CREDENTIALS, **os.environ, **client_environment(state)}
+    started = time.time()
+    worker = start_worker(pool, workdir, Path(state["directory"]) / "logs", env)
+    state["servers"][name], state["worker_dirs"][pool] = asdict(worker), str(workdir)
+    write_json(state_path(directory), state)  # recorded before the wait, so down stops it whatever happens
+    wait_for_workers(state["environment"]["PREFECT_API_URL"], (pool,), {name: worker}, since=started)
+    return worker
+
+
 def down(directory: str | Path, remove_data: bool = False) -> list[Server]:
     """Stop every recorded process (workers first, PostgreSQL last); ``remove_data``: also its database."""
     state = read_state(directory)
@@ -344,4 +416,4 @@ def down(directory: str | Path, remove_data: bool = False) -> list[Server]:
     return stopped
 
 
-__all__ = ["up", "down", "client_environment", "read_state"]
+__all__ = ["up", "down", "restart_worker", "client_environment", "read_state"]

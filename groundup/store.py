@@ -5,6 +5,8 @@ What is put there is addressed by the SHA-256 of its content::
 
     <root>/sha256/<digest>/<name>            the file, or the directory's files below it
     <root>/sha256/<digest>.json              the manifest: written last, so its presence means "complete"
+    <root>/records/<name>.json               a named record (JSON) that moves: the newest checkpoint of a
+                                             training run, the published result of a placed stage
 
 The URL of an artifact is ``<root>/sha256/<digest>/<name>``: the digest in the URL makes a Prefect cache key
 computed over URLs content-addressed, so an unchanged input is a cache hit on any worker.
@@ -41,6 +43,7 @@ CACHE_DIR_ENV = "GROUNDUP_STORE_CACHE"
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 OBJECTS = "sha256"
 MANIFEST_SUFFIX = ".json"
+RECORDS = "records"
 
 
 def storage_options(url: str) -> dict[str, Any]:
@@ -151,6 +154,56 @@ class ArtifactStore:
     def exists(self, url: str) -> bool:
         digest, _ = self._parse(url)
         return self.manifest(digest) is not None
+
+    # -- named records -----------------------------------------------------------------------------------
+
+    def _record_path(self, name: str) -> str:
+        return f"{self.root}/{RECORDS}/{name}.json"
+
+    def write_record(self, name: str, record: dict[str, Any]) -> None:
+        """Point ``name`` (``checkpoints/<run>``, ``stages/<key>``) at ``record``, replacing what it held in
+        one atomic write: a reader sees the old record or the new one, never a mix."""
+        data = json.dumps(record, indent=1, sort_keys=True).encode()
+        target = self._record_path(name)
+        if isinstance(self.fs, LocalFileSystem):
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(data)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def read_record(self, name: str) -> dict[str, Any] | None:
+        """The record ``name`` holds, or None when there is none (or it is unreadable: written by nothing
+        this store trusts, so treated as absent)."""
+        try:
+            return json.loads(self.fs.cat_file(self._record_path(name)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def publish_snapshot(self, name: str, directory: str | Path, **info: Any) -> str:
+        """Put ``directory`` as it is now and point the record ``name`` at it (with ``info``); returns the
+        snapshot's URL. The training task calls it after every checkpoint, so a run killed on one machine
+        resumes on another."""
+        url = self.put(directory)
+        self.write_record(name, {"url": url, **info})
+        return url
+
+    def restore_snapshot(self, name: str, directory: str | Path) -> dict[str, Any] | None:
+        """Fill ``directory``, when it does not exist, from the snapshot the record ``name`` points at;
+        returns that record, or None when there was nothing to restore (or ``directory`` exists: what this
+        machine wrote itself is never overwritten)."""
+        directory = Path(directory)
+        record = self.read_record(name)
+        if directory.exists() or record is None or not self.exists(record["url"]):
+            return None
+        copy = self.get(record["url"])
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            shutil.copytree(copy, staging / directory.name)
+            publish_rename(staging / directory.name, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return record
 
     # -- get ---------------------------------------------------------------------------------------------
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from groundup import tracking
+from groundup import store, tracking
 from groundup.config import FinetuneConfig, InstructDataConfig, config_digest
 from groundup.errors import SettingsError
 from groundup.files import sha256_file, sha256_tree
@@ -138,6 +139,22 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return f"| metric | value |\n|---|---|\n{rows}"
 
 
+def _checkpoints_in_store(out: Path, run_dir: Path, run: tracking.TrackedRun) -> Callable[[int], None] | None:
+    """With an artifact store configured (a cluster): restore ``run_dir`` from the snapshot of its newest
+    checkpoint when this machine has none (the run was killed on another worker), and return the callback
+    that snapshots it after every checkpoint. The record is named after the run directory, whose name is the
+    run's content key, so only a run of the same base, data and settings resumes from it."""
+    artifacts = store.from_environment(out)
+    if artifacts is None:
+        return None
+    record = f"checkpoints/finetune/{run_dir.name}"
+    restored = artifacts.restore_snapshot(record, run_dir)
+    if restored:
+        get_run_logger().info("resuming from step %s of %s (artifact store)", restored["step"], restored["url"])
+        run.log_params({"checkpoint_restored_from": restored["url"]})
+    return lambda step: artifacts.publish_snapshot(record, run_dir, step=step)
+
+
 @task(name="finetune", cache_key_fn=content_key_with("config.base"), persist_result=True)
 def finetune(
     train_path: str,
@@ -181,13 +198,12 @@ def finetune(
             run.log_metrics({**metrics, "tokens_seen": point.tokens_seen, "epoch": point.epoch}, step=point.step)
             logged.add(point.step)
 
+        run_dir = out / "finetune" / f"{engine.name}-{run_key}"
         callbacks = TrainCallbacks(
-            on_eval=log_eval, on_line=logger.info, on_progress=progress_reporter(f"LoRA finetuning of {config.base}")
-        )
-        job = FinetuneJob(
-            base_dir, Path(train_path), config, out / "finetune" / f"{engine.name}-{run_key}", val_fraction, seed,
-            base_model_ref,
-        )
+            on_eval=log_eval, on_line=logger.info, on_progress=progress_reporter(f"LoRA finetuning of {config.base}"),
+            on_checkpoint=_checkpoints_in_store(out, run_dir, run),
+        )  # fmt: skip
+        job = FinetuneJob(base_dir, Path(train_path), config, run_dir, val_fraction, seed, base_model_ref)
         outcome = engine.train(job, callbacks)
         for point in outcome.evals:  # evaluations of an earlier, interrupted session of this run
             if point.step not in logged:

@@ -119,6 +119,8 @@ class TrainCallbacks:
     on_eval: Callable[[Any], None] | None = None  # a groundup.train.state.EvalPoint, as evaluated
     on_progress: Callable[[int, int], None] | None = None  # (steps done, steps in total)
     on_line: Callable[[str], None] | None = None  # a line of a subprocess's output
+    # (steps done): a resumable checkpoint is complete in ``job.out_dir`` (an engine that resumes says so)
+    on_checkpoint: Callable[[int], None] | None = None
 
 
 class FinetuneEngine(Protocol):

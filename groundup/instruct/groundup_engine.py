@@ -335,7 +335,11 @@ class GroundupEngine:
         result = finetune_gpt(
             job.base_dir, job.train_path, job.config, job.out_dir, val_fraction=job.val_fraction, seed=job.seed,
             base_model_ref=job.base_model_ref,
-            hooks=TrainHooks(on_eval=callbacks.on_eval, on_progress=callbacks.on_progress),
+            hooks=TrainHooks(
+                on_eval=callbacks.on_eval, on_progress=callbacks.on_progress,
+                on_checkpoint=(lambda _, progress: callbacks.on_checkpoint(progress.step))
+                if callbacks.on_checkpoint else None,
+            ),
         )  # fmt: skip
         return FinetuneOutcome(
             model_dir=result.adapter_dir,
