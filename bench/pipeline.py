@@ -18,6 +18,11 @@ apart. Sources: ../shared/data, a tiny random GPT-2 and a loopback judge.
 
     python -m bench.pipeline                 # ~1-2 min on a 2-core CPU
     python -m bench.pipeline --train-steps 20 --finetune-steps 10
+    python -m bench.pipeline --cluster /tmp/c    # plus a placed stage's dispatch overhead (bench.placement)
+
+With ``--cluster DIR`` (a running ``groundup cluster up --dir DIR``) the table is followed by the dispatch
+overhead of a placed stage against the same stage in-process, measured by :mod:`bench.placement` in a
+process of its own (its Prefect and MLflow are the cluster's, not the embedded ones measured here).
 """
 
 from __future__ import annotations
@@ -43,7 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=4, help="pretraining steps")
     p.add_argument("--finetune-steps", type=int, default=2, help="finetuning steps")
     p.add_argument("--repeat", type=int, default=2, help="runs per variant and column; the best counts")
+    p.add_argument("--cluster", help="directory of a running `groundup cluster up`: add the dispatch overhead")
     return p.parse_args(argv)
+
+
+def dispatch_overhead(cluster: str, shared: str, repeat: int) -> str:
+    """bench.placement's table (a placed stage against the same stage in-process), run in its own process."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "bench.placement", "--cluster", cluster, "--shared", shared, "--repeat", str(repeat)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"dispatch overhead: bench.placement failed:\n{done.stderr[-2000:]}"
+    return "\n".join(line for line in done.stdout.splitlines() if line.startswith("|"))
 
 
 class Done:
@@ -128,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             cached = sum(state == "Cached" for state in rerun["stages"].values())
             rows.append((label, first, again, len(result["stages"]), cached))
     print(table(rows, startup))
+    if args.cluster:
+        print("\nDispatch overhead of a placed stage (bench.placement):\n")
+        print(dispatch_overhead(args.cluster, args.shared, args.repeat))
     return 0
 
 

@@ -2,10 +2,12 @@
 
 Needs a running rehearsal (``groundup cluster up --dir DIR``); registers ``groundup-stage/groundup-gpu``
 itself. The stage is ``split_instructions`` on ../shared's instruction data, a cache hit after the
-untimed warm-up in both variants, so what is timed is the way there and back. Columns, best of
-``--repeat``: wall time of the call as the pipeline sees it; for the placed stage also the split that
-Prefect recorded: flow run created → flow run started (the worker's poll and process start), flow run
-started → task started (imports, inputs from the store), task finished → result back in the pipeline.
+untimed warm-up in both variants (Prefect's cache in-process, the stage record in the store when placed),
+so what is timed is the way there and back. Columns, best of ``--repeat``: wall time of the call as the
+pipeline sees it and its overhead against the in-process call (the dispatch overhead); for the placed stage
+also the split that Prefect recorded: flow run created → flow run started (the worker's poll and process
+start), flow run started → task started (imports, the stage record read from the store), task finished →
+result back in the pipeline. ``python -m bench.pipeline --cluster DIR`` prints this table after its own.
 
     groundup cluster up --dir /tmp/c && python -m bench.placement --cluster /tmp/c && groundup cluster down --dir /tmp/c
 """
@@ -82,12 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             _seconds(str(task_run.end_time), str(run.end_time)),
         )
         rows["placed on groundup-gpu"].append((seconds, split))
-    print("| variant | call, s | created → flow started, s | flow started → task started, s | task end → flow end, s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| variant | call, s | dispatch overhead, s | created → flow started, s | flow started → task started, s "
+        "| task end → flow end, s |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    reference = min(seconds for seconds, _ in rows["in-process"])
     for label, runs in rows.items():
         seconds, split = min(runs, key=lambda r: r[0])
         parts = " | ".join(f"{s:.2f}" for s in split) if split else "– | – | –"
-        print(f"| {label} | {seconds:.2f} | {parts} |")
+        overhead = f"{seconds - reference:+.2f}" if split else "–"
+        print(f"| {label} | {seconds:.2f} | {overhead} | {parts} |")
     return 0
 
 

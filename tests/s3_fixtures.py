@@ -62,6 +62,25 @@ def stop_process_group(process: subprocess.Popen, grace: float = 60) -> None:
         process.wait()
 
 
+def kill_machine(pid: int) -> int:
+    """What a machine dying does to the process ``pid`` started with ``start_new_session`` (a worker):
+    SIGKILL its process group and every process below it, which includes the flow runs a Prefect worker
+    starts in sessions of their own (a group kill alone would leave them running). Returns how many died."""
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    os.killpg(pid, signal.SIGKILL)
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, f"still running after SIGKILL: {alive}"
+    return len(gone)
+
+
 def s3_environment(endpoint: str) -> dict[str, str]:
     """What clients of the store need: the endpoint and (moto accepts any) credentials."""
     return {

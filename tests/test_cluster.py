@@ -17,7 +17,7 @@ import pytest
 from groundup import cluster
 from groundup.serving import Server
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
-from tests.s3_fixtures import stop_process_group
+from tests.s3_fixtures import kill_machine, stop_process_group
 from tests.test_e2e_servers import PrefectAPI
 
 # Minutes on a loaded 2-core machine: a cluster start, pipelines through worker processes.
@@ -55,7 +55,7 @@ def _groundup(*args: str, env: dict[str, str], cwd: Path, timeout: float = 600) 
     return done.stdout
 
 
-def _bucket_objects(env: dict[str, str], bucket: str = "rehearsal") -> list[str]:
+def _bucket_objects(env: dict[str, str], bucket: str = "rehearsal", prefix: str = "") -> list[str]:
     import boto3
 
     client = boto3.client(
@@ -64,7 +64,7 @@ def _bucket_objects(env: dict[str, str], bucket: str = "rehearsal") -> list[str]
     )  # fmt: skip
     keys, token = [], {}
     while True:
-        page = client.list_objects_v2(Bucket=bucket, **token)
+        page = client.list_objects_v2(Bucket=bucket, Prefix=prefix, **token)
         keys += [item["Key"] for item in page.get("Contents", [])]
         if not page.get("IsTruncated"):
             return keys
@@ -243,3 +243,59 @@ def test_two_pipelines_at_once_on_one_store_both_finish(rehearsal, deployed):
     for run in runs:
         states = api.task_states(run["id"])
         assert set(states.values()) <= {"Completed", "Cached"}, states
+
+
+def test_a_gpu_worker_killed_mid_finetune_and_restarted_elsewhere_resumes_from_the_bucket(
+    rehearsal, deployed, tmp_path_factory
+):
+    """The GPU machine dies during finetuning (SIGKILL to its worker and the flow run under it); the heartbeat
+    automation marks the stage's run Crashed, the pipeline's dispatch of it tries again, and a worker started
+    on a fresh machine (a directory with nothing of the old one) resumes from the checkpoint in the bucket."""
+    from mlflow import MlflowClient
+
+    from tests.chat_server import ChatServer
+
+    directory, state, env = rehearsal
+    sources, out = deployed
+    api = PrefectAPI(env["PREFECT_API_URL"])
+    deployment = api.call("GET", "/deployments/name/groundup-pipeline/weekly")
+    steps = 24  # a checkpoint (and its snapshot in the bucket) after every one
+    resumable = ["placement.finetune=groundup-gpu", "finetune.epochs=12", f"finetune.max_steps={steps}",
+                 "finetune.eval_interval=1"]  # fmt: skip
+    with ChatServer(judge_reply) as judge:
+        config = tiny_config(sources, out, judge.base_url, resumable)
+        records = "store/records/checkpoints/finetune/"
+        earlier = set(_bucket_objects(env, prefix=records))  # checkpoints of the other tests' finetuning
+        flow_run_id = api.trigger(deployment["id"], {"config": config.model_dump(mode="json")})
+        deadline = time.monotonic() + 1200
+        while not set(_bucket_objects(env, prefix=records)) - earlier:
+            run = api.call("GET", f"/flow_runs/{flow_run_id}")
+            assert run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED") and time.monotonic() < deadline, run
+            time.sleep(0.5)
+        gpu = Server(**cluster.read_state(directory)["servers"]["worker-groundup-gpu"])
+        assert kill_machine(gpu.pid) >= 2  # the worker and the flow run it started, at least
+        fresh = tmp_path_factory.mktemp("cwd-groundup-gpu-restarted")
+        restarted = cluster.restart_worker(directory, "groundup-gpu", fresh)
+        assert restarted.pid != gpu.pid and cluster.read_state(directory)["servers"]["worker-groundup-gpu"]["pid"] == restarted.pid
+        run = api.wait(flow_run_id, timeout=1500)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert api.task_states(flow_run_id)["finetune"] == "Completed"
+    children = api.call("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}},
+                                                      "sort": "EXPECTED_START_TIME_ASC"})  # fmt: skip
+    assert [(c["name"], c["state_type"]) for c in children] == [
+        ("finetune on groundup-gpu", "CRASHED"), ("finetune on groundup-gpu", "COMPLETED")
+    ]
+    assert "heartbeat" in children[0]["state"]["message"]
+    assert (fresh / "groundup-work" / "finetune").is_dir()
+
+    # The finetuning run of the retry started from the snapshot in the bucket, past step 0, and its
+    # history has every evaluation of both sessions; its model is the registered one.
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [resumed] = client.search_runs(experiments, "params.checkpoint_restored_from LIKE 's3://rehearsal/store/%'")
+    assert 0 < int(resumed.data.params["resumed_from"]) < steps
+    history = sorted({m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")})
+    assert history == list(range(1, steps + 1))
+    assert resumed.data.metrics["final_steps"] == steps
+    registered = [v.name for v in client.search_model_versions() if v.run_id == resumed.info.run_id]
+    assert registered and registered[0].startswith("finetuned-"), registered
