@@ -133,8 +133,11 @@ class ArtifactStore:
             self.fs.put_file(str(source), target)
 
     def _write_manifest(self, digest: str, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        target = self._manifest_path(digest)
+        self._write_json(self._manifest_path(digest), manifest)
+
+    def _write_json(self, target: str, content: dict[str, Any]) -> None:
+        """One atomic write: a reader sees the old content or the new, never a mix."""
+        data = json.dumps(content, indent=1, sort_keys=True).encode()
         if isinstance(self.fs, LocalFileSystem):
             with atomic_path(target) as tmp:
                 tmp.write_bytes(data)
@@ -162,14 +165,8 @@ class ArtifactStore:
 
     def write_record(self, name: str, record: dict[str, Any]) -> None:
         """Point ``name`` (``checkpoints/<run>``, ``stages/<key>``) at ``record``, replacing what it held in
-        one atomic write: a reader sees the old record or the new one, never a mix."""
-        data = json.dumps(record, indent=1, sort_keys=True).encode()
-        target = self._record_path(name)
-        if isinstance(self.fs, LocalFileSystem):
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(data)
-        else:
-            self.fs.pipe_file(target, data)
+        one atomic write."""
+        self._write_json(self._record_path(name), record)
 
     def read_record(self, name: str) -> dict[str, Any] | None:
         """The record ``name`` holds, or None when there is none (or it is unreadable: written by nothing
