@@ -158,6 +158,12 @@ class ArtifactStore:
         digest, _ = self._parse(url)
         return self.manifest(digest) is not None
 
+    def delete(self, url: str) -> None:
+        """Remove an artifact: its manifest first, so no reader takes the rest for complete."""
+        digest, name = self._parse(url)
+        self.fs.rm(self._manifest_path(digest))
+        self.fs.rm(self._remote(digest), recursive=True)
+
     # -- named records -----------------------------------------------------------------------------------
 
     def _record_path(self, name: str) -> str:
@@ -178,10 +184,13 @@ class ArtifactStore:
 
     def publish_snapshot(self, name: str, directory: str | Path, **info: Any) -> str:
         """Put ``directory`` as it is now and point the record ``name`` at it (with ``info``); returns the
-        snapshot's URL. The training task calls it after every checkpoint, so a run killed on one machine
-        resumes on another."""
+        snapshot's URL. The snapshot it replaces is deleted: the training task calls this after every
+        checkpoint (so a run killed on one machine resumes on another), and only the newest is needed."""
+        previous = self.read_record(name)
         url = self.put(directory)
         self.write_record(name, {"url": url, **info})
+        if previous and previous.get("url") != url and self.owns(previous.get("url")):
+            self.delete(previous["url"])
         return url
 
     def restore_snapshot(self, name: str, directory: str | Path) -> dict[str, Any] | None:
@@ -189,10 +198,17 @@ class ArtifactStore:
         returns that record, or None when there was nothing to restore (or ``directory`` exists: what this
         machine wrote itself is never overwritten)."""
         directory = Path(directory)
-        record = self.read_record(name)
-        if directory.exists() or record is None or not self.exists(record["url"]):
+        for _ in range(3):  # a snapshot replaced (and deleted) while we read it: the record has a newer one
+            record = self.read_record(name)
+            if directory.exists() or record is None or not self.exists(record["url"]):
+                return None
+            try:
+                copy = self.get(record["url"])
+                break
+            except SourceUnreachable:
+                continue
+        else:
             return None
-        copy = self.get(record["url"])
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:

@@ -11,32 +11,37 @@ from torch.utils.data import DataLoader
 
 from groundup.store import ArtifactStore
 from groundup.train.loop import TrainHooks, fit
+from tests.s3_fixtures import s3_bucket  # noqa: F401  (fixture)
+from tests.test_store import store_url  # noqa: F401  (fixture: a folder, and a bucket on an S3 server)
 from tests.test_train import Crash, progressions, settings, tiny_model
 
 
-def test_a_run_killed_on_one_machine_resumes_on_another_from_the_snapshot_in_the_store(tmp_path):
+def test_a_run_killed_on_one_machine_resumes_on_another_from_the_snapshot_in_the_store(store_url, tmp_path):  # noqa: F811
     loader = DataLoader(progressions(), batch_size=4, shuffle=True, drop_last=True)
-    machine_a = ArtifactStore(tmp_path / "store", tmp_path / "cache-a")
+    machine_a = ArtifactStore(store_url, tmp_path / "cache-a")
     run_a = tmp_path / "machine-a" / "run-key"
 
-    def crash_at_six(done: int, total: int) -> None:
-        if done == 6:
+    def crash_at_ten(done: int, total: int) -> None:
+        if done == 10:
             raise Crash
 
     hooks = TrainHooks(
-        on_progress=crash_at_six,
+        on_progress=crash_at_ten,
         on_checkpoint=lambda _, progress: machine_a.publish_snapshot("checkpoints/run-key", run_a, step=progress.step),
     )
     with pytest.raises(Crash):
         fit(tiny_model(), loader, None, settings(), run_a, hooks=hooks)
 
-    machine_b = ArtifactStore(tmp_path / "store", tmp_path / "cache-b")
+    # Checkpoints at steps 4 and 8: only the newest snapshot stays in the store.
+    assert len(machine_a.fs.glob(f"{machine_a.root}/sha256/*.json")) == 1
+
+    machine_b = ArtifactStore(store_url, tmp_path / "cache-b")
     run_b = tmp_path / "machine-b" / "run-key"
     assert machine_b.restore_snapshot("checkpoints/unknown", run_b) is None and not run_b.exists()
     record = machine_b.restore_snapshot("checkpoints/run-key", run_b)
-    assert record["step"] == 4 and record["url"].startswith(machine_b.url)
+    assert record["step"] == 8 and record["url"].startswith(machine_b.url)
     resumed = fit(tiny_model(), loader, None, settings(), run_b)
-    assert resumed.resumed_from == 4 and resumed.progress.step == 48
+    assert resumed.resumed_from == 8 and resumed.progress.step == 48
     # What a machine holds itself is never replaced by a snapshot.
     assert machine_b.restore_snapshot("checkpoints/run-key", run_b) is None
     assert (run_b / "final").is_dir()
@@ -76,3 +81,19 @@ def test_a_stage_one_worker_published_is_a_cache_hit_on_another(
     other = {**config, "limit": 12}
     fourth = run_stage(stage, path, {"config": other, "parent_run_id": None}, output_dir=str(workers[1]))
     assert fourth["state"] == "Completed" and fourth["result"]["n_train"] != first["result"]["n_train"]
+
+
+def test_a_typed_stage_result_survives_its_record_in_the_store():
+    from groundup.flows.placement import from_json, to_json
+    from groundup.tasks.finetune import FinetuneResult
+
+    result = FinetuneResult(
+        engine="groundup", model_ref="finetuned-gpt2/1", model_dir="s3://b/store/sha256/ab/final", out_dir="x",
+        loss_plot=None, base="gpt2-124M", base_dir="y", base_sha256="c", base_model_ref=None, train_sha256="d",
+        prompt_style="alpaca", metrics={"val_loss": 1.5}, n_train=10, n_val=2, run_id="r",
+        outputs={"adapter_dir": "s3://b/store/sha256/ab/final"},
+    )  # fmt: skip
+    import json
+
+    back = from_json(json.loads(json.dumps(to_json({"result": result, "runs": [result]}))))
+    assert back == {"result": result, "runs": [result]} and back["result"].adapter_dir == result.adapter_dir
