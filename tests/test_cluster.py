@@ -77,7 +77,8 @@ def test_cluster_up_runs_both_servers_on_postgresql_and_the_store_on_s3(rehearsa
 
     directory, state, env = rehearsal
     assert set(state["servers"]) == {"postgres", "s3", "prefect", "mlflow", "worker-groundup-cpu", "worker-groundup-gpu"}
-    assert all(Server(**entry).alive() for entry in state["servers"].values())
+    dead = {name: entry["log"] for name, entry in state["servers"].items() if not Server(**entry).alive()}
+    assert not dead, {name: Path(log).read_text(errors="replace")[-1500:] for name, log in dead.items()}
     assert json.loads((directory / "cluster.json").read_text())["servers"]["prefect"]["pid"] == state["servers"]["prefect"]["pid"]
     port = int(state["servers"]["postgres"]["url"].rsplit(":", 1)[1])
     tables = {}
