@@ -127,6 +127,7 @@ def pretrain(
             write_json(run_dir / REGISTERED_FILE, {"model_version": model_version, "run_id": run.run_id})
         else:
             logger.info(f"{result.checkpoint} is already registered as {model_version}")
+            run.log_model_outputs([tracking.model_id_of(tracking.resolve_version(model_version))])
         markdown = summary_markdown(result, model_version, config)
         create_markdown_artifact(key="pretrain-summary", markdown=markdown, description="pretraining summary")
         return {

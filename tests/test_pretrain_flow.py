@@ -204,6 +204,9 @@ def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, v
     latest = client.get_run(rerun["run_id"])
     assert latest.data.params["already_finished"] == "True"
     assert len(client.search_model_versions("name='groundup-gpt'")) == 1
+    # The reusing run names the model it reused as its output, as the training run does.
+    registered = tracking.model_id_of(tracking.resolve_version("groundup-gpt/1"))
+    assert [o.model_id for o in latest.outputs.model_outputs] == [registered]
 
 
 @pytest.mark.slow

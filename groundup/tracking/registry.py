@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.entities.logged_model_status import LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -186,7 +186,7 @@ def register_directory(
         c.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         raise
     c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    c.log_outputs(run.run_id, [LoggedModelOutput(model.model_id, 0)])
+    run.log_model_outputs([model.model_id])
     version = mlflow.register_model(f"models:/{model.model_id}", name, tags=model_tags)
     run.set_tags({f"{TAG}registered.{name}": version.version})
     refresh_description(version_ref(version))

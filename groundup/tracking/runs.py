@@ -21,7 +21,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from groundup.files import exclusive_lock
@@ -192,8 +192,14 @@ class TrackedRun:
 
     def log_model_inputs(self, model_ids: list[str]) -> None:
         """Record LoggedModels this run consumed (a base model, a model under evaluation)."""
-        if model_ids:
-            self._client.log_inputs(self.run_id, models=[LoggedModelInput(m) for m in dict.fromkeys(model_ids)])
+        if model_ids := [m for m in dict.fromkeys(model_ids) if m]:
+            self._client.log_inputs(self.run_id, models=[LoggedModelInput(m) for m in model_ids])
+
+    def log_model_outputs(self, model_ids: list[str]) -> None:
+        """Record LoggedModels this run produced, or found already produced and reused (a cached checkpoint
+        an earlier run registered), so the run's outputs name the model either way."""
+        if model_ids := [m for m in dict.fromkeys(model_ids) if m]:
+            self._client.log_outputs(self.run_id, [LoggedModelOutput(m, 0) for m in model_ids])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
