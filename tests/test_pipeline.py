@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from groundup import serving, tracking
 from groundup.config import ConfigError, PipelineConfig, load_config, local_sources
 from groundup.flows.pipeline import check
 from groundup.report import next_commands, summary
-from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
+from tests.pipeline_fixtures import judge_reply, settled_states, sources_dir, tiny_config, tiny_gpt2_dir
 
 # Stages whose results are cached on content, and those that run every time by design: the download
 # (what a URL serves may change; everything after it is keyed on the bytes), the corpus record (cheap
@@ -93,21 +94,27 @@ def test_inconsistent_settings_are_refused_before_any_stage(overrides, message):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    """Task run name -> state name, as the Prefect API recorded them (last run of each name)."""
+def task_states(flow_run_id, expected: Iterable[str] = ()) -> dict[str, str]:
+    """Task run name -> state name, as the Prefect API recorded them (last run of each name), once settled."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time)}
+    def read() -> dict[str, str]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.name: run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time) if run.state}
+
+    return settled_states(read, expected)
 
 
-def run_pipeline(config):
+def run_pipeline(config, expected: Iterable[str] = ()):
+    """The flow's final state and its task runs' states (every stage it reports, and ``expected``)."""
     from groundup.flows.pipeline import pipeline
 
     state = pipeline(config=config, return_state=True)
-    return state, task_states(state.state_details.flow_run_id)
+    if state.is_completed():
+        expected = {*expected, *state.result()["stages"]}
+    return state, task_states(state.state_details.flow_run_id, expected)
 
 
 @pytest.fixture
@@ -184,7 +191,7 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
 
     # The judge is unreachable: the flow fails with the judge's error; nothing before it ran again.
     dead = tiny_config(sources, out, "http://127.0.0.1:9/v1", ["judge.max_new_tokens=5"])
-    state, states = run_pipeline(dead)
+    state, states = run_pipeline(dead, expected={"judge_responses"})
     assert state.is_failed()
     assert "127.0.0.1:9" in str(state.message) or "127.0.0.1:9" in repr(state.result(raise_on_failure=False))
     assert states["judge_responses"] == "Failed"
