@@ -113,7 +113,7 @@ def run_pipeline(config, expected: Iterable[str] = ()):
 
     state = pipeline(config=config, return_state=True)
     if state.is_completed():
-        expected = {*expected, *state.result()["stages"]}
+        expected = {*expected, *state.result().stages}
     return state, task_states(state.state_details.flow_run_id, expected)
 
 
