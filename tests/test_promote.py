@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from groundup import tracking
-from groundup.tasks.promote import BASIS_TAG, CANDIDATE, CHAMPION, PROMOTION_TAG, SCORE_TAG, Promotion, promote
+from groundup.tasks.promote import (
+    BASIS_TAG,
+    CANDIDATE,
+    CHAMPION,
+    PROMOTION_TAG,
+    SCORE_TAG,
+    Promotion,
+    promote,
+)
 
 
 @pytest.fixture(scope="module")
