@@ -262,6 +262,11 @@ class GenerationConfig(Settings):
         "with, else its chat template), Alpaca for our GPT-2; or one style for both models.",
     )
     accelerator: Accelerator = "auto"
+    compile: bool = Field(
+        False,
+        description="Our GPT: the one-token decoding step through torch.compile (the first batch compiles, "
+        "then each token is cheaper: for many prompts on a GPU). Answers are unchanged.",
+    )
 
 
 class JudgeConfig(Settings):

@@ -24,6 +24,8 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from groundup.files import exclusive_lock
+
 TAG = "groundup."
 DEFAULT_EXPERIMENT = "groundup"
 # The full sha256 of a dataset, on its input (MLflow keeps at most 36 characters of a digest).
@@ -47,10 +49,14 @@ def configure(output_dir: str | Path = "artifacts", tracking_uri: str | None = N
     Also exports the URI, because Lightning reads ``MLFLOW_TRACKING_URI`` when it is imported.
     """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        # MLflow creates a new database's tables on first use, in steps: two processes doing it at once
+        # (two first commands) fail with "duplicate column". One creates them while the other waits.
+        with exclusive_lock(database.with_name(database.name + ".lock")):
+            client().search_experiments(max_results=1)
     return uri
 
 
