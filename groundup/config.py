@@ -326,6 +326,15 @@ class EvaluateConfig(Settings):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The pipeline's stages in the order they start (``groundup.flows.pipeline``): what ``placement`` may name.
+# ``evaluate_mc`` runs once per model, as ``evaluate_mc_base_model`` and ``evaluate_mc_finetuned_model``.
+PIPELINE_STAGES = (
+    "download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "fetch_gpt2_weights", "split_instructions",
+    "finetune", "generate_responses", "evaluate_mc", "judge_responses", "promote",
+)  # fmt: skip
+MC_EVAL_LABELS = ("base_model", "finetuned_model")
+
+
 class PipelineConfig(Settings):
     output_dir: str = Field("artifacts", description="Root for data, checkpoints, results and mlflow.db.")
     experiment: str = "groundup"
