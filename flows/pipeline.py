@@ -159,7 +159,10 @@ def evaluate_and_promote(
     """Responses of base and finetuned model, the judge (and multiple-choice benchmarks), then promotion:
     the :class:`PipelineRun` fields of those stages."""
     base_model, model, ref = finetuned.base_dir, finetuned.model_dir, finetuned.model_ref
-    stages.submit("generate_responses", generate_responses, split.test, base_model, model, config.generation, **context.kwargs)
+    stages.submit(
+        "generate_responses", generate_responses, split.test, base_model, model, config.generation,
+        model_versions=[base.get("base_model_ref"), ref], **context.kwargs,
+    )  # fmt: skip
     evaluated_models = dict(zip(MC_EVAL_LABELS, ((base_model, base.get("base_model_ref")), (model, ref)), strict=True))
     if config.mc_eval.enabled:
         for label, (path, version) in evaluated_models.items():

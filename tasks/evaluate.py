@@ -101,8 +101,10 @@ def generate_responses(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
+    model_versions: list[str | None] | None = None,
 ) -> TestResponses:
-    """Both models' responses to every test entry, in ``<output_dir>/eval/responses/``."""
+    """Both models' responses to every test entry, in ``<output_dir>/eval/responses/``; ``model_versions``
+    (the registered versions of the two models, where they are registered) become the run's model inputs."""
     from groundup.instruct import responses as library
     from groundup.instruct.resumable import read_jsonl
 
@@ -124,6 +126,7 @@ def generate_responses(
             }
         )
         run.log_dataset(test_data, name=TEST_DATASET, digest=sha256_file(test_data), context="testing")
+        tracking.log_versions_used(run, model_versions or [])
         run.log_artifact(result.path, "responses")
         metrics = {"entries": result.entries}
         for key in library.MODEL_KEYS:

@@ -233,6 +233,7 @@ def check_mlflow_graph(client, pipeline_run_id: str, base_ref: str) -> None:
     assert finetuned in {m.model_id for m in finetune_run.outputs.model_outputs}
     assert client.get_logged_model(finetuned).source_run_id == finetune_run.info.run_id
     assert finetuned in {m.model_id for m in stages["judge_responses"].inputs.model_inputs}
+    assert {base, finetuned} == {m.model_id for m in stages["generate_responses"].inputs.model_inputs}
     pretrained = model_id(parent.data.tags["groundup.model.pretrain"])
     assert pretrained in {m.model_id for m in stages["pretrain"].outputs.model_outputs}
     assert {"the-verdict.txt", "pretrain-tokens", "instruct-train", "instruct-test"} <= {

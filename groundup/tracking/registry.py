@@ -199,6 +199,11 @@ def register_directory(
     return version
 
 
+def log_versions_used(run: TrackedRun, refs: list[str | None]) -> None:
+    """Make the registered versions ``refs`` (``name/3``; ``None`` skipped) model inputs of ``run``."""
+    run.log_model_inputs([model_id_of(resolve_version(ref)) for ref in refs if ref])
+
+
 def record_evaluation(ref: str, run: TrackedRun, metrics: Mapping[str, float]) -> None:
     """Attach an evaluation to a model version: the model an input of ``run``, the metrics on the model."""
     from groundup.tracking.lineage import refresh_description
