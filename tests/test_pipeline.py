@@ -113,7 +113,7 @@ def run_pipeline(config, expected: Iterable[str] = ()):
 
     state = pipeline(config=config, return_state=True)
     if state.is_completed():
-        expected = {*expected, *state.result()["stages"]}
+        expected = {*expected, *state.result().stages}
     return state, task_states(state.state_details.flow_run_id, expected)
 
 
@@ -143,7 +143,7 @@ def run_next_commands(result, out) -> None:
         done = subprocess.run(line, shell=True, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
         if " lineage " in line:
-            assert result["finetune"]["model_ref"] in done.stdout
+            assert result.finetune.model_ref in done.stdout
     assert serving.running_servers(out) == {}  # the last one printed stopped what the one before started
 
 
@@ -158,36 +158,36 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     assert state.is_completed(), state.message
     result = state.result()
     assert set(states) == CACHED | ALWAYS and set(states.values()) == {"Completed"}
-    assert result["stages"] == states
+    assert result.stages == states
     report = summary(result, config, out, str(sources))
     assert re.search(r"\n  pretrain +Completed\n", report) and "promotion    " in report
     assert re.search(r"\n  evaluate_mc_base_model +skipped: mc_eval.enabled is false", report)
-    assert f"finetuned {result['judge']['metrics']['judge.finetuned_model.mean']:.1f}" in report
+    assert f"finetuned {result.judge.metrics['judge.finetuned_model.mean']:.1f}" in report
 
     # One parent run; every stage's run nests under it.
     client = tracking.client()
-    parent = client.get_run(result["run_id"])
+    parent = client.get_run(result.run_id)
     assert parent.data.tags["mlflow.runName"] == "groundup-pipeline"
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert {c.data.tags["groundup.stage"] for c in children} >= {
         "data", "pretrain", "gpt2_weights", "split_instructions", "finetune_groundup", "generate_responses",
         "judge_responses", "promote",
     }  # fmt: skip
-    assert parent.data.metrics["judge.finetuned_model.mean"] == result["judge"]["metrics"]["judge.finetuned_model.mean"]
+    assert parent.data.metrics["judge.finetuned_model.mean"] == result.judge.metrics["judge.finetuned_model.mean"]
 
     # Promotion and lineage: finetuned adapter -> GPT-2 weights, with datasets and the evaluation.
-    finetuned = result["finetune"]["model_ref"]
+    finetuned = result.finetune.model_ref
     name = finetuned.split("/")[0]
-    assert result["promotion"]["aliases"] == ["candidate", "champion"]
+    assert result.promotion.aliases == ["candidate", "champion"]
     assert tracking.version_ref(tracking.resolve_version(f"{name}@champion")) == finetuned
     node = tracking.lineage(f"{name}@champion")
     assert node["model"] == finetuned and set(node["aliases"]) == {"candidate", "champion"}
-    assert node["datasets"]["instruct-train"] == result["split"]["train_sha256"]
-    assert [e["run_id"] for e in node["evaluations"]] == [result["judge"]["run_id"]]
-    assert node["parent"]["model"] == result["weights"]["model_version"]
+    assert node["datasets"]["instruct-train"] == result.split.train_sha256
+    assert [e["run_id"] for e in node["evaluations"]] == [result.judge.run_id]
+    assert node["parent"]["model"] == result.weights.model_version
     assert node["parent"]["stage"] == "gpt2_weights"
-    assert tracking.lineage(result["pretrain"]["model_version"])["datasets"]["pretrain-tokens"] == result["data"]["parquet_sha256"]
-    check_mlflow_graph(MlflowClient(tracking.client().tracking_uri), result["run_id"], result["weights"]["model_version"])
+    assert tracking.lineage(result.pretrain.model_version)["datasets"]["pretrain-tokens"] == result.data.tokens.parquet_sha256
+    check_mlflow_graph(MlflowClient(tracking.client().tracking_uri), result.run_id, result.weights.model_version)
 
     # The judge is unreachable: the flow fails with the judge's error; nothing before it ran again.
     dead = tiny_config(sources, out, "http://127.0.0.1:9/v1", ["judge.max_new_tokens=5"])
@@ -201,7 +201,7 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     state, states = run_pipeline(tiny_config(sources, out, judge.base_url, ["judge.max_new_tokens=5"]))
     assert state.is_completed(), state.message
     assert {n for n, s in states.items() if s != "Cached"} == ALWAYS | {"judge_responses"}
-    assert state.result()["promotion"]["reason"] == "already the champion"
+    assert state.result().promotion.reason == "already the champion"
 
     # One byte of the text changed: tokenizing and pretraining run again, nothing else.
     text = sources / "the-verdict.txt"
@@ -209,7 +209,7 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     state, states = run_pipeline(tiny_config(sources, out, judge.base_url, ["judge.max_new_tokens=5"]))
     assert state.is_completed(), state.message
     assert {n for n, s in states.items() if s != "Cached"} == ALWAYS | {"tokenize_to_parquet", "pretrain"}
-    assert state.result()["pretrain"]["model_version"] != result["pretrain"]["model_version"]
+    assert state.result().pretrain.model_version != result.pretrain.model_version
 
     # Last, as they start servers of their own: the next steps the first run's summary printed.
     run_next_commands(result, out)
@@ -233,6 +233,7 @@ def check_mlflow_graph(client, pipeline_run_id: str, base_ref: str) -> None:
     assert finetuned in {m.model_id for m in finetune_run.outputs.model_outputs}
     assert client.get_logged_model(finetuned).source_run_id == finetune_run.info.run_id
     assert finetuned in {m.model_id for m in stages["judge_responses"].inputs.model_inputs}
+    assert {base, finetuned} == {m.model_id for m in stages["generate_responses"].inputs.model_inputs}
     pretrained = model_id(parent.data.tags["groundup.model.pretrain"])
     assert pretrained in {m.model_id for m in stages["pretrain"].outputs.model_outputs}
     assert {"the-verdict.txt", "pretrain-tokens", "instruct-train", "instruct-test"} <= {
@@ -283,7 +284,7 @@ def test_the_offline_summary_lists_every_stage_with_why_the_skipped_ones_did_not
     config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
     ran = ["download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "split_instructions", "finetune",
            "generate_responses", "promote"]  # fmt: skip
-    lines = stage_lines({"stages": dict.fromkeys(ran, "Completed")}, config, str(tmp_path))
+    lines = stage_lines(dict.fromkeys(ran, "Completed"), config, str(tmp_path))
     assert [line.split()[0] for line in lines] == [*ran[:4], "fetch_gpt2_weights", *ran[4:7],
         "evaluate_mc_base_model", "evaluate_mc_finetuned_model", "judge_responses", "promote"]  # fmt: skip
     skipped = {line.split()[0]: line.split(None, 1)[1] for line in lines if "skipped" in line}
