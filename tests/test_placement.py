@@ -61,7 +61,7 @@ def test_a_stage_one_worker_published_is_a_cache_hit_on_another(
 
     first = run_stage(stage, path, {"config": config, "parent_run_id": None}, output_dir=str(workers[0]))
     assert first["state"] == "Completed"
-    train_url = first["result"]["train"]
+    train_url = first["result"].train
     store = ArtifactStore(tmp_path / "store", tmp_path / "reader")
     assert store.owns(train_url) and store.exists(train_url)
     assert (workers[0] / "instruct").is_dir()
@@ -76,11 +76,11 @@ def test_a_stage_one_worker_published_is_a_cache_hit_on_another(
     Path(store._manifest_path(digest)).unlink()
     third = run_stage(stage, path, {"config": config, "parent_run_id": None}, output_dir=str(workers[2]))
     assert third["state"] == "Completed" and (workers[2] / "instruct").is_dir()
-    assert third["result"]["train"] == train_url and store.exists(train_url)
+    assert third["result"].train == train_url and store.exists(train_url)
     # Other settings are another stage.
     other = {**config, "limit": 12}
     fourth = run_stage(stage, path, {"config": other, "parent_run_id": None}, output_dir=str(workers[1]))
-    assert fourth["state"] == "Completed" and fourth["result"]["n_train"] != first["result"]["n_train"]
+    assert fourth["state"] == "Completed" and fourth["result"].n_train != first["result"].n_train
 
 
 def test_a_typed_stage_result_survives_its_record_in_the_store():
