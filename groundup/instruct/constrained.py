@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCORES = range(0, 101)
+from groundup.instruct.judge_probabilities import SCORES
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ JUDGE_BASIS_KEYS = {
     "temperature",
     "chat_template",
     "seed",
-    "constrained",
+    "scoring",
+    "top_logprobs",
     "force_format",
 }
 
