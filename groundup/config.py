@@ -283,7 +283,7 @@ class JudgeConfig(Settings):
         "openai-compatible: 'probability' asks for top_logprobs, else the reply is parsed.",
     )
     top_logprobs: int = Field(
-        20, ge=1, le=20, description="openai-compatible, scoring 'probability': alternatives per token (≤ 20)."
+        20, ge=1, le=20, description="openai-compatible, scoring 'probability': alternatives per token."
     )
     force_format: Literal["json_schema", "guided_regex", "none"] = Field(
         "json_schema",

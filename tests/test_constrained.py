@@ -86,7 +86,9 @@ def test_probability_scoring_gives_what_full_forward_passes_give(tiny, prompt):
 
 
 def test_a_local_judge_always_answers_with_a_number(tiny_litgpt_dir):
-    constrained = judge.LitGPTJudge(str(tiny_litgpt_dir), max_new_tokens=6, accelerator="cpu", scoring="constrained")
+    constrained = judge.LitGPTJudge(
+        str(tiny_litgpt_dir), max_new_tokens=6, accelerator="cpu", scoring="constrained"
+    )
     by_probability = judge.LitGPTJudge(str(tiny_litgpt_dir), max_new_tokens=6, accelerator="cpu")
     free = judge.LitGPTJudge(str(tiny_litgpt_dir), max_new_tokens=6, accelerator="cpu", scoring="free")
     assert by_probability.settings["scoring"] == "probability"  # the default

@@ -28,8 +28,8 @@ from groundup.files import atomic_path, sha256_file
 from groundup.instruct.judge_backends import (  # noqa: F401
     FORMAT_FIELDS,
     SCORE_REGEX,
-    Judge,
     SCORING_MODES,
+    Judge,
     JudgeError,
     LitGPTJudge,
     OpenAICompatibleJudge,
@@ -138,7 +138,8 @@ def judge_responses(
     # Control scores only of the controlled entries: an entry without controls is not an unparsed reply.
     rows = {key: len(mismatched) if key in CONTROL_KEYS else len(table) for key in SCORED_KEYS}
     scores = {
-        key: [None if v is pd.NA else float(v) for v in table[f"{key}_score"][: rows[key]]] for key in SCORED_KEYS
+        key: [None if v is pd.NA else float(v) for v in table[f"{key}_score"][: rows[key]]]
+        for key in SCORED_KEYS
     }
     masses = {key: table[f"{key}_number_mass"][: rows[key]].dropna().tolist() for key in SCORED_KEYS}
     summary = summarize(

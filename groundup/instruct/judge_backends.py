@@ -80,7 +80,11 @@ class LitGPTJudge:
         self.scoring = scoring
         self.sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         decoding = self.sampling.to_dict() if scoring == "free" else {"numbers": "0-100"}
-        self.settings = {"chat_template": type(self.model.prompt_style).__name__, "scoring": scoring, **decoding}
+        self.settings = {
+            "chat_template": type(self.model.prompt_style).__name__,
+            "scoring": scoring,
+            **decoding,
+        }
         self._continues = None  # the vocabulary's digit tokens, for probability scoring (built once)
 
     def chat_prompt(self, prompt: str) -> str:
