@@ -9,7 +9,7 @@ import torch
 from groundup.instruct import judge
 from groundup.instruct.constrained import choose_number, number_spellings
 from groundup.instruct.inference import LitGPTModel
-from groundup.instruct.judge_probabilities import digit_continuations, litgpt_number_probabilities
+from groundup.instruct.judge_probabilities import litgpt_number_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def test_the_cached_decoding_picks_what_full_forward_passes_pick(tiny, prompt):
     assert choice.value == full_forward_choice(tiny, prompt, stop_ids)
 
 
-def full_forward_probabilities(model: LitGPTModel, prompt: str) -> dict[int, float]:
-    """Each number's probability as the whole answer, the slow way: one uncached forward pass per prefix,
-    times the probability that no digit follows (the number ends there)."""
+def full_forward_probabilities(model: LitGPTModel, prompt: str, stop_ids: list[int]) -> dict[int, float]:
+    """Each number's probability as the whole reply, the slow way: one uncached forward pass per prefix,
+    times the probability of stopping after it."""
     base = model.encode(prompt)
 
     def next_token(prefix: tuple[int, ...]) -> torch.Tensor:
@@ -68,17 +68,16 @@ def full_forward_probabilities(model: LitGPTModel, prompt: str) -> dict[int, flo
         p = 1.0
         for i, token in enumerate(spelling):
             p *= float(next_token(spelling[:i])[token])
-        after = next_token(spelling)
-        digits = [t for t in range(model.tokenizer.vocab_size) if model.decode([t])[:1].isdigit()]
-        probabilities[number] = p * (1.0 - float(after[digits].sum()))
+        probabilities[number] = p * float(next_token(spelling)[stop_ids].sum())
     return probabilities
 
 
 @pytest.mark.parametrize("prompt", ["Score the answer from 0 to 100: ", "I had always thought Jack Gisburn"])
 def test_probability_scoring_gives_what_full_forward_passes_give(tiny, prompt):
-    expected = full_forward_probabilities(tiny, prompt)
+    stop_ids = sorted({tiny.eos_id, 0})
+    expected = full_forward_probabilities(tiny, prompt, stop_ids)
     mass = sum(expected.values())
-    result = litgpt_number_probabilities(tiny, prompt, digit_continuations(tiny))
+    result = litgpt_number_probabilities(tiny, prompt, stop_ids)
     assert result.mass == pytest.approx(mass, rel=1e-4)
     assert result.expected == pytest.approx(sum(n * p for n, p in expected.items()) / mass, rel=1e-4)
     assert result.argmax == max(expected, key=expected.__getitem__)

@@ -85,24 +85,21 @@ class LitGPTJudge:
             "scoring": scoring,
             **decoding,
         }
-        self._continues = None  # the vocabulary's digit tokens, for probability scoring (built once)
 
     def chat_prompt(self, prompt: str) -> str:
         return self.model.prompt_style.apply(prompt)
 
     def reply(self, prompt: str) -> Reply:
         chat = self.chat_prompt(prompt)
+        stop_ids = [seq[0] for seq in self.model.stop_tokens] + [self.model.eos_id]
         if self.scoring == "probability":
-            from groundup.instruct import judge_probabilities as jp
+            from groundup.instruct.judge_probabilities import litgpt_number_probabilities
 
-            if self._continues is None:
-                self._continues = jp.digit_continuations(self.model)
-            probabilities = jp.litgpt_number_probabilities(self.model, chat, self._continues)
+            probabilities = litgpt_number_probabilities(self.model, chat, stop_ids)
             return Reply(str(probabilities.argmax), probabilities)
         if self.scoring == "constrained":
             from groundup.instruct.constrained import choose_number
 
-            stop_ids = [seq[0] for seq in self.model.stop_tokens] + [self.model.eos_id]
             return Reply(str(choose_number(self.model, chat, stop_ids).value))
         return Reply(self.model.complete([chat], self.sampling)[0].strip())
 
