@@ -84,28 +84,45 @@ def main(argv: list[str] | None = None) -> int:
             result = judge.judge_responses(
                 path, out / scoring, client, controls=args.entries, bootstrap_samples=2000
             )
-            seconds = (time.perf_counter() - start) / args.entries
-            rows.append((scoring, seconds, result.summary))
+            rows.append((scoring, (time.perf_counter() - start) / args.entries, result.summary))
+            if scoring == "probability":  # its replies are constrained decoding's numbers, same passes
+                rows.append(("constrained, same passes", None, summary_of_replies(result.scores)))
             del client
 
     reference = rows[0][1]
     print(f"\n{Path(model).name}, {args.entries} entries x 4 replies, {args.device}\n")
     print(
-        "| judge.scoring | s / judged entry | vs reference | scored | control AUC [95% interval] | number mass |"
+        "| judge.scoring | s / judged entry | vs reference | scored | control AUC [95% interval] "
+        "| reference / mismatched mean | number mass |"
     )
-    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    print("| --- | ---: | ---: | ---: | --- | --- | ---: |")
     for scoring, seconds, s in rows:
         parsed = sum(s[key]["parsed"] for key in judge.SCORED_KEYS)
         total = sum(s[key]["count"] for key in judge.SCORED_KEYS)
         control = s.get("control", {})
         auc = control.get("auc")
         shown = "–" if auc is None else f"{auc:.2f} [{control['ci_low']:.2f}, {control['ci_high']:.2f}]"
+        means = " / ".join(_number(s[key]["mean"], ".1f") for key in judge.CONTROL_KEYS if key in s) or "–"
         masses = [s[key]["number_mass"] for key in judge.SCORED_KEYS if "number_mass" in s[key]]
-        mass = f"{sum(masses) / len(masses):.2g}" if masses else "–"
-        print(
-            f"| {scoring} | {seconds:.1f} | {reference / seconds:.2f}× | {parsed}/{total} | {shown} | {mass} |"
-        )
+        mass = _number(sum(masses) / len(masses) if masses else None, ".2g")
+        speed = "– | –" if seconds is None else f"{seconds:.1f} | {reference / seconds:.2f}×"
+        print(f"| {scoring} | {speed} | {parsed}/{total} | {shown} | {means} | {mass} |")
     return 0
+
+
+def summary_of_replies(scores: Path) -> dict:
+    """The summary had every reply been scored by the number its text says."""
+    import pandas as pd
+
+    from groundup.instruct import judge
+
+    table = pd.read_parquet(scores)
+    parsed = {key: [judge.parse_score(r).score for r in table[f"{key}_reply"]] for key in judge.SCORED_KEYS}
+    return judge.summarize(parsed, samples=2000)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

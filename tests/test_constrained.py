@@ -82,6 +82,7 @@ def test_probability_scoring_gives_what_full_forward_passes_give(tiny, prompt):
     assert result.expected == pytest.approx(sum(n * p for n, p in expected.items()) / mass, rel=1e-4)
     assert result.argmax == max(expected, key=expected.__getitem__)
     assert 0.0 < result.mass <= 1.0 and 0.0 <= result.expected <= 100.0
+    assert result.written == choose_number(tiny, prompt, stop_ids).value  # constrained, same passes
 
 
 def test_a_local_judge_always_answers_with_a_number(tiny_litgpt_dir):
@@ -99,5 +100,5 @@ def test_a_local_judge_always_answers_with_a_number(tiny_litgpt_dir):
     assert all(judge.parse_score(constrained.reply(p).text).parsed for p in prompts)
     for prompt in prompts:
         reply = by_probability.reply(prompt)
-        assert reply.text == str(reply.probabilities.argmax)  # the most probable number, as text
+        assert reply.text == constrained.reply(prompt).text == str(reply.probabilities.written)
         assert 0.0 <= reply.probabilities.expected <= 100.0

@@ -53,7 +53,8 @@ class LitGPTJudge:
 
     ``chat_template`` names a LitGPT prompt style (``llama3``, ``phi-3``, ...); ``None`` uses the
     checkpoint's own, which for ``meta-llama/Meta-Llama-3-8B-Instruct`` is Llama 3's. ``scoring``: one of
-    :data:`SCORING_MODES` (see the module); ``probability`` replies with the most probable number as text.
+    :data:`SCORING_MODES` (see the module); scoring by ``probability``, the reply's text is the number that
+    constrained decoding writes, computed from the same forward passes.
     """
 
     def __init__(
@@ -96,7 +97,7 @@ class LitGPTJudge:
             from groundup.instruct.judge_probabilities import litgpt_number_probabilities
 
             probabilities = litgpt_number_probabilities(self.model, chat, stop_ids)
-            return Reply(str(probabilities.argmax), probabilities)
+            return Reply(str(probabilities.written), probabilities)
         if self.scoring == "constrained":
             from groundup.instruct.constrained import choose_number
 

@@ -17,7 +17,9 @@ how sure it is, and ranks answers the greedy number cannot tell apart.
   token is the whole number (OpenAI's and Llama 3's tokenizers spell 0-999 as one token); otherwise None
   and the reply's text is parsed.
 
-Either way :class:`NumberProbabilities` reports the expected score, the most probable number and the
+Either way :class:`NumberProbabilities` reports the expected score, the most probable number, the number
+the judge writes (for LitGPT: constrained decoding's, from the same passes, so both scorings of one run
+can be compared) and the
 probability mass the judge put on replying with a whole number 0-100 at all (a sanity figure: low mass
 means the judge mostly wanted to write something else, and the score stands for little of what it says).
 """
@@ -38,15 +40,18 @@ class NumberProbabilities:
     expected: float  # Σ p(n)·n, p renormalized over the numbers 0-100
     argmax: int  # the most probable number
     mass: float  # the probability of replying with a whole number 0-100 at all, before renormalizing
+    written: int  # what the judge writes: constrained decoding's number (LitGPT), the score token (server)
 
     @classmethod
-    def from_probabilities(cls, probabilities: Mapping[int, float]) -> NumberProbabilities | None:
+    def from_probabilities(
+        cls, probabilities: Mapping[int, float], written: int
+    ) -> NumberProbabilities | None:
         """From each number's probability (any subset of 0-100); None when they sum to nothing."""
         mass = sum(probabilities.values())
         if not mass > 0.0:
             return None
         expected = sum(n * p for n, p in probabilities.items()) / mass
-        return cls(float(expected), max(probabilities, key=probabilities.__getitem__), float(mass))
+        return cls(float(expected), max(probabilities, key=probabilities.__getitem__), float(mass), written)
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -69,7 +74,7 @@ def litgpt_number_probabilities(
     """
     import torch  # here, not above: the HTTP judge does not need it
 
-    from groundup.instruct.constrained import number_spellings
+    from groundup.instruct.constrained import number_spellings, step_options
 
     spellings = number_spellings(model.encode, prompt, numbers)
     depth = max(len(s) for s in spellings)
@@ -108,7 +113,14 @@ def litgpt_number_probabilities(
         log_p = sum(float(after(spelling[:i])[token]) for i, token in enumerate(spelling))
         ends = float(torch.logsumexp(after(spelling)[stops], dim=0))
         probabilities[number] = math.exp(log_p + ends)
-    result = NumberProbabilities.from_probabilities(probabilities)
+    prefix: tuple[int, ...] = ()  # constrained decoding's walk (choose_number's), on the same passes
+    while True:
+        options = step_options(spellings, prefix, after(prefix), stops)
+        step = max(options, key=options.__getitem__)
+        if step is None:
+            break
+        prefix += (step,)
+    result = NumberProbabilities.from_probabilities(probabilities, written=spellings[prefix])
     assert result is not None, "a softmax gives every number some probability"
     return result
 
@@ -147,5 +159,5 @@ def logprob_number_probabilities(tokens: Sequence[Mapping[str, Any]] | None) -> 
             value = _number(alternative.get("token", ""))
             if value is not None and alternative.get("logprob") is not None:
                 probabilities[value] = probabilities.get(value, 0.0) + math.exp(alternative["logprob"])
-        return NumberProbabilities.from_probabilities(probabilities)
+        return NumberProbabilities.from_probabilities(probabilities, written=number)
     return None
