@@ -1,4 +1,6 @@
-"""What a judge's replies say: scores parsed from replies, their statistics, and the controls.
+"""What a judge's replies say: scores parsed from replies, their statistics, and the controls. (A judge
+scored by probabilities gives decimal scores directly: :mod:`groundup.instruct.judge_probabilities`; the
+statistics take both.)
 
 Score parsing (:func:`parse_score`) reads a reply as a person would: the final or explicitly labelled
 score, never the first incidental number, and unparsed when it is truly ambiguous:
