@@ -59,13 +59,13 @@ class Done:
         return self.value
 
 
-def timed(run, config) -> tuple[float, dict]:
+def timed(run, config) -> tuple[float, Any]:
     start = time.perf_counter()
     result = run(config=config)
     return time.perf_counter() - start, result
 
 
-def best(runs: list[tuple[float, dict]]) -> tuple[float, dict]:
+def best(runs: list[tuple[float, Any]]) -> tuple[float, Any]:
     return min(runs, key=lambda run: run[0])
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.client.orchestration import get_client
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from groundup.flows.pipeline import Stages, execute, pipeline
+    from groundup.flows.pipeline import PipelineRun, Stages, execute, pipeline
     from tests.chat_server import ChatServer
     from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             return name
 
     @flow(name="direct-calls")
-    def direct(config) -> dict:
+    def direct(config) -> PipelineRun:
         return execute(config, DirectStages())
 
     sources = sources_dir(
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 agains[label].append(timed(run, config))
         for label in variants:
             (first, result), (again, rerun) = best(firsts[label]), best(agains[label])
-            cached = sum(state == "Cached" for state in rerun["stages"].values())
-            rows.append((label, first, again, len(result["stages"]), cached))
+            cached = sum(state == "Cached" for state in rerun.stages.values())
+            rows.append((label, first, again, len(result.stages), cached))
     print(table(rows, startup))
     return 0
 

@@ -1,5 +1,5 @@
-"""What every flow shares: configuring MLflow where the flow runs, the pipeline-level parent run, and
-:class:`Stages`, the one way a flow runs its tasks."""
+"""What every flow shares: configuring MLflow where the flow runs, the stage context (with the parent run
+stages nest under), and :class:`Stages`, the one way a flow runs its tasks."""
 
 from __future__ import annotations
 
@@ -15,18 +15,20 @@ from prefect.futures import PrefectFuture
 from groundup import environment, tracking
 from groundup.flows.placement import submit_placed
 from groundup.logs import quiet_expected_failures
+from groundup.tasks.common import StageContext
 
 
 @contextlib.contextmanager
-def parent_run(
+def stage_context(
     name: str,
     *,
     config: Any,
     output_dir: str,
     experiment: str,
     parent_run_id: str | None,
-) -> Iterator[str]:
-    """Yield the MLflow run id stage runs nest under.
+) -> Iterator[StageContext]:
+    """Yield the context this flow's stages run in: ``output_dir``, ``experiment`` and the MLflow run the
+    stage runs nest under.
 
     Inside the pipeline, the pipeline's run is passed down as ``parent_run_id``; a stage flow started on its
     own (CLI, Prefect UI, a schedule) opens its own parent run, tagged with its Prefect flow run. Flows also
@@ -35,27 +37,12 @@ def parent_run(
     environment.prepare(output_dir)
     quiet_expected_failures()  # also where flows run without the CLI: workers, served deployments
     if parent_run_id:
-        yield parent_run_id
+        yield StageContext(output_dir, experiment, parent_run_id)
         return
     with tracking.start_run(
         name, experiment=experiment, output_dir=output_dir, config=config, tags=tracking.flow_run_tags()
     ) as run:
-        yield run.run_id
-
-
-@dataclass
-@dataclass(frozen=True)
-class StageContext:
-    """What every stage of a flow run shares: the output root, the MLflow experiment and the parent run the
-    stage runs nest under. ``kwargs`` are the task parameters of those names."""
-
-    output_dir: str
-    experiment: str
-    parent_run_id: str | None
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return {"output_dir": self.output_dir, "experiment": self.experiment, "parent_run_id": self.parent_run_id}
+        yield StageContext(output_dir, experiment, run.run_id)
 
 
 @dataclass
@@ -81,11 +68,12 @@ class Stages:
         return name
 
     def result(self, name: str, output: str | None = None) -> Any:
-        """The stage's result; a cached one whose ``output`` path has been deleted since is computed again."""
+        """The stage's result (a :class:`StageResult`); a cached one whose ``output`` field names a path
+        deleted since is computed again."""
         value = self.futures[name].result()
         if name in self.placed:  # the placed stage's result; its outputs are local copies, always there
             return value["result"]
-        if output and not Path(value[output]).exists():
+        if output and not Path(getattr(value, output)).exists():
             task, args, kwargs = self.calls[name]
             self.futures[name] = task.with_options(task_run_name=name, refresh_cache=True).submit(*args, **kwargs)
             value = self.futures[name].result()

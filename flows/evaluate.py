@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from prefect import flow
+from prefect import Task, flow
 
 from groundup import tracking
 from groundup.config import EvaluateConfig, GenerationConfig, JudgeConfig
-from groundup.flows.common import parent_run
+from groundup.errors import SettingsError
+from groundup.flows.common import stage_context
 from groundup.tasks import evaluate as evaluate_tasks
+from groundup.tasks.common import StageContext, StageResult
+
+
+@dataclasses.dataclass
+class Evaluation(StageResult):
+    """Both models' test-set responses, the judge's scores (if it ran), lm-eval accuracy per model (if it
+    ran), and the flow's MLflow run the stages nest under."""
+
+    run_id: str
+    responses: evaluate_tasks.TestResponses
+    judge: evaluate_tasks.JudgeScores | None = None
+    mc_eval: dict[str, evaluate_tasks.MCAccuracy] = dataclasses.field(default_factory=dict)  # by model label
 
 
 @flow(name="evaluate", log_prints=True)
@@ -23,7 +37,7 @@ def evaluate(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Answer every entry of ``test_data`` with ``base_model`` and ``finetuned_model`` (directories or hub
     ids), judge the answers (``config.judge.enabled``) and run lm-eval tasks on both models
     (``config.mc_eval.enabled``). ``finetuned_ref`` / ``base_ref`` (``name/version``) are the registered
@@ -38,28 +52,34 @@ def evaluate(
         if not value
     ]
     if missing:
-        raise ValueError(f"flow evaluate needs {', '.join(missing)}")
-    common = {"output_dir": output_dir, "experiment": experiment}
-    with parent_run("evaluate", config=config, parent_run_id=parent_run_id, **common) as run_id:
-        result: dict[str, Any] = {"run_id": run_id}
-        result["responses"] = evaluate_tasks.generate_responses(
-            test_data, base_model, finetuned_model, config.generation, parent_run_id=run_id, **common
+        raise SettingsError(f"flow evaluate needs {', '.join(missing)}", fix="give the test data and both models")
+    with stage_context(
+        "evaluate", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id
+    ) as context:
+        responses = evaluate_tasks.generate_responses(
+            test_data, base_model, finetuned_model, config.generation, **context.kwargs
         )
+        result = Evaluation(run_id=context.parent_run_id, responses=responses)
         if config.judge.enabled:
-            result["judge"] = evaluate_tasks.judge_responses(
-                result["responses"]["responses"], config.judge, finetuned_ref, parent_run_id=run_id, **common
+            result.judge = evaluate_tasks.judge_responses(
+                responses.responses, config.judge, finetuned_ref, **context.kwargs
             )
         if config.mc_eval.enabled:
-            result["mc_eval"] = {
-                label: evaluate_tasks.evaluate_mc(
-                    model, config.mc_eval, ref, label, parent_run_id=run_id, **common
-                )
+            result.mc_eval = {
+                label: evaluate_tasks.evaluate_mc(model, config.mc_eval, ref, label, **context.kwargs)
                 for label, model, ref in (
                     ("base_model", base_model, base_ref),
                     ("finetuned_model", finetuned_model, finetuned_ref),
                 )
             }
         return result
+
+
+def one_stage(name: str, config: Any, given: StageContext, stage: Task, *args: Any) -> StageResult:
+    """The body of a flow of one stage: ``stage(*args)`` in the stage context of a flow run ``name``
+    (``given``: the flow's parameters; a parent run of its own unless one is given)."""
+    with stage_context(name, config=config, **given.kwargs) as context:
+        return stage(*args, **context.kwargs)
 
 
 @flow(name="respond", log_prints=True)
@@ -71,13 +91,10 @@ def respond(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> evaluate_tasks.TestResponses:
     """Only the responses of ``evaluate`` (``groundup respond``)."""
-    with parent_run("respond", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id) as run_id:
-        return evaluate_tasks.generate_responses(
-            test_data, base_model, finetuned_model, config, output_dir=output_dir, experiment=experiment,
-            parent_run_id=run_id,
-        )  # fmt: skip
+    given = StageContext(output_dir, experiment, parent_run_id)
+    return one_stage("respond", config, given, evaluate_tasks.generate_responses, test_data, base_model, finetuned_model, config)
 
 
 @flow(name="judge", log_prints=True)
@@ -88,9 +105,7 @@ def judge(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> evaluate_tasks.JudgeScores:
     """Only the judge of ``evaluate``, on a responses file (``groundup judge``)."""
-    with parent_run("judge", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id) as run_id:
-        return evaluate_tasks.judge_responses(
-            responses, config, finetuned_ref, output_dir=output_dir, experiment=experiment, parent_run_id=run_id
-        )
+    given = StageContext(output_dir, experiment, parent_run_id)
+    return one_stage("judge", config, given, evaluate_tasks.judge_responses, responses, config, finetuned_ref)

@@ -17,44 +17,61 @@ finetuning resume from their last checkpoints. One MLflow parent run per flow ru
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from groundup import tracking
-from groundup.config import PipelineConfig
+from groundup.config import MC_EVAL_LABELS, PIPELINE_STAGES, PipelineConfig
 from groundup.errors import SettingsError
-from groundup.flows.common import StageContext, Stages, parent_run
+from groundup.flows.common import Stages, stage_context
+from groundup.flows.data import PreparedData
 from groundup.instruct.engines import checked_engine
-from groundup.instruct.promotion import judge_refusal, score_basis
+from groundup.instruct.promotion import SCORE_METRIC, judge_refusal, score_basis
+from groundup.tasks.common import StageContext, StageResult
 from groundup.tasks.data import download_text, record_corpus, tokenize_to_parquet
-from groundup.tasks.evaluate import evaluate_mc, generate_responses, judge_responses
-from groundup.tasks.finetune import finetune, split_instructions
-from groundup.tasks.pretrain import pretrain
-from groundup.tasks.promote import promote
-from groundup.tasks.weights import fetch_gpt2_weights
+from groundup.tasks.evaluate import (
+    JudgeScores,
+    MCAccuracy,
+    TestResponses,
+    evaluate_mc,
+    generate_responses,
+    judge_responses,
+)
+from groundup.tasks.finetune import FinetuneResult, TrainTestSplit, finetune, split_instructions
+from groundup.tasks.pretrain import PretrainedModel, pretrain
+from groundup.tasks.promote import Promotion, promote
+from groundup.tasks.weights import FetchedGPT2, fetch_gpt2_weights
 from groundup.text.tokenizers import VOCAB_DIR_ENV
 
 FLOW_NAME = "groundup-pipeline"
-# The judge's mean score of the finetuned model: what promotion compares.
-SCORE_METRIC = "judge.finetuned_model.mean"
 
 
-# The stages ``pipeline.placement`` may name.
-STAGE_NAMES = (
-    "download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "fetch_gpt2_weights", "split_instructions",
-    "finetune", "generate_responses", "evaluate_mc", "judge_responses", "promote",
-)  # fmt: skip
+@dataclasses.dataclass
+class PipelineRun(StageResult):
+    """Every stage's result, each stage's state (``Completed``, ``Cached`` ...) and the pipeline's MLflow run."""
+
+    run_id: str
+    stages: dict[str, str]
+    data: PreparedData
+    pretrain: PretrainedModel
+    split: TrainTestSplit
+    finetune: FinetuneResult
+    responses: TestResponses
+    promotion: Promotion
+    weights: FetchedGPT2 | None = None  # weights.enabled
+    judge: JudgeScores | None = None  # judge.enabled
+    mc_eval: dict[str, MCAccuracy] = dataclasses.field(default_factory=dict)  # by model label; mc_eval.enabled
 
 
 def check(config: PipelineConfig) -> None:
     """Settings that cannot work together, refused before any stage starts."""
-    unknown = sorted(set(config.placement) - set(STAGE_NAMES))
+    unknown = sorted(set(config.placement) - set(PIPELINE_STAGES))
     if unknown:
-        raise SettingsError(f"pipeline placement names unknown stages {unknown}; stages: {', '.join(STAGE_NAMES)}")
+        raise SettingsError(f"pipeline placement names unknown stages {unknown}; stages: {', '.join(PIPELINE_STAGES)}")
     checked_engine(config.finetune)  # the engine, its base's kind, its settings and accelerator
     size = config.finetune.base_model.size
     if size and not config.weights.enabled:
@@ -69,12 +86,12 @@ def check(config: PipelineConfig) -> None:
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineRun:
     """Data → pretraining; GPT-2 weights; instruction split → finetuning → responses → judge → promotion."""
     return execute(config, Stages())
 
 
-def execute(config: PipelineConfig, stages: Stages) -> dict[str, Any]:
+def execute(config: PipelineConfig, stages: Stages) -> PipelineRun:
     """The pipeline's body, with the way stages are run injected (``bench/pipeline.py`` calls them plainly)."""
     check(config)
     out = str(Path(config.output_dir).resolve())
@@ -82,80 +99,85 @@ def execute(config: PipelineConfig, stages: Stages) -> dict[str, Any]:
     if config.data.vocab_dir:
         # The tokenizer files the data stage is given serve every stage that tokenizes (finetuning, responses).
         os.environ.setdefault(VOCAB_DIR_ENV, str(Path(config.data.vocab_dir).resolve()))
-    with parent_run(FLOW_NAME, config=config, output_dir=out, experiment=config.experiment, parent_run_id=None) as run_id:
-        results = run_stages(config, stages, StageContext(out, config.experiment, run_id))
-        tracked = tracking.open_run(run_id)
-        tracked.set_tags({f"{tracking.TAG}stage_state.{name}": state for name, state in stages.states().items()})
-        tracked.set_tags(produced_models(results))
-        tracked.log_metrics(headline_metrics(results))
-        return {"run_id": run_id, "stages": stages.states(), **results}
+    with stage_context(FLOW_NAME, config=config, output_dir=out, experiment=config.experiment, parent_run_id=None) as context:
+        result = run_stages(config, stages, context)
+        tracked = tracking.open_run(context.parent_run_id)
+        tracked.set_tags({f"{tracking.TAG}stage_state.{name}": state for name, state in result.stages.items()})
+        tracked.set_tags(produced_models(result))
+        tracked.log_metrics(headline_metrics(result))
+        return result
 
 
-def run_stages(config: PipelineConfig, stages: Stages, context: StageContext) -> dict[str, dict]:
-    out = context.output_dir
+def run_stages(config: PipelineConfig, stages: Stages, context: StageContext) -> PipelineRun:
     # Roots first, so the three branches run side by side while this thread waits on one of them at a time.
-    stages.submit("download_text", download_text, config.data.source, output_dir=out, sha256=config.data.sha256)
+    stages.submit("download_text", download_text, config.data.source, output_dir=context.output_dir, sha256=config.data.sha256)
     if config.weights.enabled:
         stages.submit("fetch_gpt2_weights", fetch_gpt2_weights, config.weights, **context.kwargs)
     stages.submit("split_instructions", split_instructions, config.instruct, **context.kwargs)
-    tokens = start_pretraining(config, stages, context)
+    start_pretraining(config, stages, context)
 
     split = stages.result("split_instructions", "train")
     base = finetune_base(config, stages)
     stages.submit(
-        "finetune", finetune, split["train"], config.finetune,
+        "finetune", finetune, split.train, config.finetune,
         val_fraction=config.instruct.val_fraction, seed=config.instruct.seed, **base, **context.kwargs,
     )  # fmt: skip
     finetuned = stages.result("finetune", "model_dir")
-    results = {"split": split, "finetune": finetuned, **evaluate_and_promote(config, stages, split, base, finetuned, context)}
+    evaluated = evaluate_and_promote(config, stages, split, base, finetuned, context)
+    data = PreparedData(
+        text=stages.result("download_text"), tokens=stages.result("tokenize_to_parquet"),
+        corpus=stages.result("record_corpus"),
+    )  # fmt: skip
+    pretrained = stages.result("pretrain", "checkpoint")
+    weights = stages.result("fetch_gpt2_weights", "checkpoint") if config.weights.enabled else None
+    return PipelineRun(
+        run_id=context.parent_run_id, stages=stages.states(),  # every stage is done: its final state
+        data=data, pretrain=pretrained, split=split, finetune=finetuned, weights=weights, **evaluated,
+    )  # fmt: skip
 
-    results["data"] = {**tokens, "run_id": stages.result("record_corpus")["run_id"]}
-    results["pretrain"] = stages.result("pretrain", "checkpoint")
-    if config.weights.enabled:
-        results["weights"] = stages.result("fetch_gpt2_weights", "checkpoint")
-    return results
 
-
-def start_pretraining(config: PipelineConfig, stages: Stages, context: StageContext) -> dict[str, Any]:
-    """Tokenize the downloaded text, then submit the corpus record and pretraining; returns the tokens."""
-    out = context.output_dir
+def start_pretraining(config: PipelineConfig, stages: Stages, context: StageContext) -> None:
+    """Tokenize the downloaded text, then submit the corpus record and pretraining."""
     text = stages.result("download_text")
     stages.submit(
-        "tokenize_to_parquet", tokenize_to_parquet, text["path"], config.data.tokenizer, config.data.vocab_dir, out
-    )
+        "tokenize_to_parquet", tokenize_to_parquet, text.path, config.data.tokenizer, config.data.vocab_dir,
+        context.output_dir,
+    )  # fmt: skip
     tokens = stages.result("tokenize_to_parquet", "parquet")
     stages.submit("record_corpus", record_corpus, config.data, text, tokens, **context.kwargs)
-    stages.submit("pretrain", pretrain, tokens["parquet"], config.pretrain, text_sha256=text["sha256"], **context.kwargs)
-    return tokens
+    stages.submit("pretrain", pretrain, tokens.parquet, config.pretrain, text_sha256=text.sha256, **context.kwargs)
 
 
 def evaluate_and_promote(
     config: PipelineConfig,
     stages: Stages,
-    split: dict[str, Any],
+    split: TrainTestSplit,
     base: dict[str, str],
-    finetuned: dict[str, Any],
+    finetuned: FinetuneResult,
     context: StageContext,
-) -> dict[str, dict]:
-    """Responses of base and finetuned model, the judge (and multiple-choice benchmarks), then promotion."""
-    base_model, model, ref = finetuned["base_dir"], finetuned["model_dir"], finetuned["model_ref"]
-    stages.submit("generate_responses", generate_responses, split["test"], base_model, model, config.generation, **context.kwargs)
+) -> dict[str, StageResult | dict[str, MCAccuracy] | None]:
+    """Responses of base and finetuned model, the judge (and multiple-choice benchmarks), then promotion:
+    the :class:`PipelineRun` fields of those stages."""
+    base_model, model, ref = finetuned.base_dir, finetuned.model_dir, finetuned.model_ref
+    stages.submit(
+        "generate_responses", generate_responses, split.test, base_model, model, config.generation,
+        model_versions=[base.get("base_model_ref"), ref], **context.kwargs,
+    )  # fmt: skip
+    evaluated_models = dict(zip(MC_EVAL_LABELS, ((base_model, base.get("base_model_ref")), (model, ref)), strict=True))
     if config.mc_eval.enabled:
-        for label, path, version in (("base_model", base_model, base.get("base_model_ref")), ("finetuned_model", model, ref)):
+        for label, (path, version) in evaluated_models.items():
             stages.submit(f"evaluate_mc_{label}", evaluate_mc, path, config.mc_eval, version, label, **context.kwargs)
-    results = {"responses": stages.result("generate_responses", "responses")}
-    score, basis, refusal = None, "", None
+    responses = stages.result("generate_responses", "responses")
+    judged, score, basis, refusal = None, None, "", None
     if config.judge.enabled:
-        responses = results["responses"]["responses"]
-        stages.submit("judge_responses", judge_responses, responses, config.judge, ref, **context.kwargs)
-        results["judge"] = stages.result("judge_responses", "scores")
-        score = results["judge"]["metrics"].get(SCORE_METRIC)
-        basis = score_basis(config.judge, config.generation, results["judge"]["judge"], split["test_sha256"])
-        refusal = judge_refusal(results["judge"]["summary"])
+        stages.submit("judge_responses", judge_responses, responses.responses, config.judge, ref, **context.kwargs)
+        judged = stages.result("judge_responses", "scores")
+        score = judged.metrics.get(SCORE_METRIC)
+        basis = score_basis(config.judge, config.generation, judged.judge, split.test_sha256)
+        refusal = judge_refusal(judged.summary)
     stages.submit("promote", promote, ref, score, basis, refusal, **context.kwargs)
-    results["promotion"] = stages.result("promote")
-    results.update({name: stages.result(name) for name in stages.futures if name.startswith("evaluate_mc_")})
-    return results
+    mc_eval = {label: stages.result(f"evaluate_mc_{label}") for label in evaluated_models if config.mc_eval.enabled}
+    return {"responses": responses, "judge": judged, "promotion": stages.result("promote"), "mc_eval": mc_eval}
 
 
 def finetune_base(config: PipelineConfig, stages: Stages) -> dict[str, str]:
@@ -166,22 +188,24 @@ def finetune_base(config: PipelineConfig, stages: Stages) -> dict[str, str]:
     if stage is None:
         return {}
     result = stages.result(stage, "checkpoint")
-    return {"base_checkpoint": str(result["checkpoint"]), "base_model_ref": result["model_version"]}
+    return {"base_checkpoint": str(result.checkpoint), "base_model_ref": result.model_version}
 
 
-def produced_models(results: dict[str, dict]) -> dict[str, str]:
+def produced_models(result: PipelineRun) -> dict[str, str]:
     """Tags naming the model versions this run produced or reused (``groundup.model.finetune`` ...)."""
-    refs = {stage: results[stage].get("model_version") for stage in ("pretrain", "weights") if stage in results}
-    refs["finetune"] = results["finetune"]["model_ref"]
+    refs = {"pretrain": result.pretrain.model_version, "finetune": result.finetune.model_ref}
+    if result.weights:
+        refs["weights"] = result.weights.model_version
     return {f"{tracking.TAG}model.{stage}": ref for stage, ref in refs.items() if ref}
 
 
-def headline_metrics(results: dict[str, dict]) -> dict[str, float]:
+def headline_metrics(result: PipelineRun) -> dict[str, float]:
     """A few numbers for the pipeline's parent run (each stage's own run has the full set)."""
     metrics = {
-        "pretrain.final_val_loss": results["pretrain"].get("final_val_loss"),
-        "pretrain.final_train_loss": results["pretrain"].get("final_train_loss"),
-        "promoted": float(results["promotion"]["promoted"]),
+        "pretrain.final_val_loss": result.pretrain.final_val_loss,
+        "pretrain.final_train_loss": result.pretrain.final_train_loss,
+        "promoted": float(result.promotion.promoted),
     }
-    metrics.update({k: v for k, v in results.get("judge", {}).get("metrics", {}).items() if k.endswith(".mean")})
+    if result.judge:
+        metrics.update({k: v for k, v in result.judge.metrics.items() if k.endswith(".mean")})
     return metrics

@@ -28,6 +28,7 @@ from prefect.deployments.runner import EntrypointType
 from groundup import environment, store
 from groundup.config import Settings
 from groundup.errors import GroundupError, ModelError
+from groundup.tasks.common import StageResult
 
 STAGE_FLOW = "groundup-stage"
 # Where a worker keeps placed stages' outputs: the worker's own setting (a flow run's working directory is a
@@ -101,13 +102,16 @@ def missing_outputs(result: Any) -> list[str]:
 
 
 def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Arguments received as JSON, with settings parameters validated back into their models."""
+    """Arguments received as JSON, with settings and stage results (an earlier stage's) rebuilt as such."""
     hints = typing.get_type_hints(stage_task.fn)
     bound = {}
     for name, value in arguments.items():
         hint = hints.get(name)
-        is_settings = isinstance(hint, type) and issubclass(hint, Settings)
-        bound[name] = hint.model_validate(value) if is_settings and isinstance(value, dict) else value
+        if isinstance(hint, type) and isinstance(value, dict) and issubclass(hint, Settings):
+            value = hint.model_validate(value)
+        elif isinstance(hint, type) and isinstance(value, dict) and issubclass(hint, StageResult):
+            value = hint(**value)
+        bound[name] = value
     return bound
 
 

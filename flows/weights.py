@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 
 from groundup import tracking
 from groundup.config import WeightsConfig
-from groundup.flows.common import Stages, parent_run
-from groundup.tasks.weights import fetch_gpt2_weights
+from groundup.flows.common import Stages, stage_context
+from groundup.tasks.weights import FetchedGPT2, fetch_gpt2_weights
 
 
 @flow(name="load-gpt2", log_prints=True)
@@ -20,18 +19,17 @@ def load_gpt2(
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
     out_dir: str | None = None,
-) -> dict[str, Any]:
+) -> FetchedGPT2:
     """GPT-2 ``config.size`` from ``config.source`` (or ``config.from_dir``) as a groundup checkpoint.
 
     Returns ``checkpoint`` (its directory), ``model_version`` (``gpt2-124m/N``) and the source's lineage.
     """
     output_dir = str(Path(output_dir).resolve())
-    with parent_run(
+    with stage_context(
         "load-gpt2", config=config, output_dir=output_dir, experiment=experiment, parent_run_id=parent_run_id
-    ) as run_id:
-        kwargs = dict(output_dir=output_dir, experiment=experiment, parent_run_id=run_id, out_dir=out_dir)
+    ) as context:
         stages = Stages()
-        stages.submit("fetch_gpt2_weights", fetch_gpt2_weights, config, **kwargs)
+        stages.submit("fetch_gpt2_weights", fetch_gpt2_weights, config, out_dir=out_dir, **context.kwargs)
         result = stages.result("fetch_gpt2_weights", "checkpoint")
-        print(f"GPT-2 weights: {result['model_version']} at {result['checkpoint']}: {result['smoke_text']!r}")
+        print(f"GPT-2 weights: {result.model_version} at {result.checkpoint}: {result.smoke_text!r}")
         return result

@@ -60,7 +60,7 @@ def _prepare(args: argparse.Namespace) -> Path:
 
 
 def _print(result) -> None:
-    if hasattr(result, "as_dict"):  # a stage's typed result
+    if hasattr(result, "as_dict"):  # a flow's typed result (tasks.common.StageResult)
         result = result.as_dict()
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
@@ -86,7 +86,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from groundup.flows.data import prepare_data
 
     result = prepare_data(config=config, output_dir=str(out))
-    print(f"{result['parquet']}\t{result['tokens']} tokens")
+    print(f"{result.tokens.parquet}\t{result.tokens.tokens} tokens")
     return 0
 
 
@@ -113,10 +113,11 @@ def model_directory(ref: str, output_dir: str | Path) -> Path:
 
     try:
         return tracking.model_directory(ref)
-    except LookupError as exc:
+    except ModelError as exc:
         raise ModelError(
             f"model {ref!r} is neither a checkpoint directory nor a registered model in "
-            f"{tracking.default_tracking_uri(output_dir)} ({exc})"
+            f"{tracking.default_tracking_uri(output_dir)} ({exc.message})",
+            fix=exc.fix,
         ) from None
 
 
@@ -272,9 +273,11 @@ def cmd_instruct_split(args: argparse.Namespace) -> int:
 
     result = split_instructions(data=config, output_dir=str(out))
     if args.out:
+        import dataclasses
+
         from groundup.instruct.data import copy_split
 
-        result.update(copy_split(result, args.out))
+        result = dataclasses.replace(result, **copy_split(result.as_dict(), args.out))
     _print(result)
     return 0
 
@@ -293,7 +296,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from groundup.flows.finetune import finetune
 
     result = finetune(config=config, data=data, output_dir=str(out), weights=weights)
-    _print(result["finetune"])
+    _print(result.finetune)
     return 0
 
 
@@ -308,7 +311,7 @@ def cmd_gpt2(args: argparse.Namespace) -> int:
     from groundup.flows.weights import load_gpt2
 
     result = load_gpt2(config=config, output_dir=str(out), out_dir=str(Path(args.out).resolve()) if args.out else None)
-    print(result["checkpoint"])
+    print(result.checkpoint)
     return 0
 
 
@@ -357,10 +360,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     environment.prepare(args.output_dir)  # MLflow only: no Prefect server needed
 
-    try:
-        tree = tracking.lineage(args.ref)
-    except LookupError as exc:
-        raise ModelError(str(exc), fix="name a registered model: name, name/version or name@alias") from None
+    tree = tracking.lineage(args.ref)  # a ModelError names the ref and how to find the registered ones
     serving.link_flow_runs(tree, args.output_dir)
     print(json.dumps(tree, indent=2) if args.json else tracking.format_lineage(tree))
     return 0

@@ -262,6 +262,11 @@ class GenerationConfig(Settings):
         "with, else its chat template), Alpaca for our GPT-2; or one style for both models.",
     )
     accelerator: Accelerator = "auto"
+    compile: bool = Field(
+        False,
+        description="Our GPT: the one-token decoding step through torch.compile (the first batch compiles, "
+        "then each token is cheaper: for many prompts on a GPU). Answers are unchanged.",
+    )
 
 
 class JudgeConfig(Settings):
@@ -325,6 +330,15 @@ class EvaluateConfig(Settings):
 # ---------------------------------------------------------------------------------------------------------
 # The whole pipeline
 # ---------------------------------------------------------------------------------------------------------
+
+
+# The pipeline's stages in the order they start (``groundup.flows.pipeline``): what ``placement`` may name.
+# ``evaluate_mc`` runs once per model, as ``evaluate_mc_base_model`` and ``evaluate_mc_finetuned_model``.
+PIPELINE_STAGES = (
+    "download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "fetch_gpt2_weights", "split_instructions",
+    "finetune", "generate_responses", "evaluate_mc", "judge_responses", "promote",
+)  # fmt: skip
+MC_EVAL_LABELS = ("base_model", "finetuned_model")
 
 
 class PipelineConfig(Settings):

@@ -72,15 +72,16 @@ def use_prefect_server(out: Path) -> None:
     from groundup import serving
     from groundup.report import command
 
-    if "prefect" not in serving.running_servers(out):
+    def announce() -> None:
         print(
             f"groundup: starting a Prefect server for {out} in the background; later commands reuse it "
             f"(stop it: {command()} ui --stop --output-dir {out}) ...",
             file=sys.stderr,
             flush=True,
         )
+
     try:
-        server, _ = serving.start_background_prefect(out, timeout=float(os.environ[STARTUP_TIMEOUT]))
+        server, _ = serving.start_background_prefect(out, float(os.environ[STARTUP_TIMEOUT]), announce)
     except serving.ServerError as exc:
         print(f"groundup: {one_line(exc)}; using a temporary Prefect server instead", file=sys.stderr)
         return

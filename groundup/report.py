@@ -14,18 +14,21 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from groundup.config import LOCAL_GPT2, LOCAL_JUDGE, PipelineConfig
+from groundup.config import LOCAL_GPT2, LOCAL_JUDGE, MC_EVAL_LABELS, PIPELINE_STAGES, PipelineConfig
 from groundup.instruct.judge_scores import control_verdict
+from groundup.instruct.promotion import SCORE_METRIC
 
-# The pipeline's stages in the order they run (flows/pipeline.py); optional ones may be absent from a result.
-STAGES = (
-    "download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "fetch_gpt2_weights",
-    "split_instructions", "finetune", "generate_responses", "evaluate_mc_base_model",
-    "evaluate_mc_finetuned_model", "judge_responses", "promote",
-)  # fmt: skip
-SCORE_METRIC = "judge.finetuned_model.mean"
+if TYPE_CHECKING:  # the flow's result type; this module words it and runs no flow
+    from groundup.flows.pipeline import PipelineRun
+
+# The pipeline's stages in the order they run, one per model for evaluate_mc; optional ones may be absent.
+STAGES = tuple(
+    stage
+    for name in PIPELINE_STAGES
+    for stage in ([f"{name}_{label}" for label in MC_EVAL_LABELS] if name == "evaluate_mc" else [name])
+)
 
 
 def command(tool: str = "groundup") -> str:
@@ -60,8 +63,8 @@ def skipped_because(stage: str, config: PipelineConfig, sources_dir: str | None)
     return None
 
 
-def stage_lines(result: dict[str, Any], config: PipelineConfig, sources_dir: str | None) -> list[str]:
-    states = result["stages"]
+def stage_lines(states: dict[str, str], config: PipelineConfig, sources_dir: str | None) -> list[str]:
+    """Each stage's state (``Completed``, ``Cached`` ...), or why an optional one was skipped."""
     names = [*STAGES, *(name for name in states if name not in STAGES)]
     width = max(map(len, names))
     lines = []
@@ -72,33 +75,33 @@ def stage_lines(result: dict[str, Any], config: PipelineConfig, sources_dir: str
     return lines
 
 
-def model_lines(result: dict[str, Any], config: PipelineConfig, sources_dir: str | None) -> list[str]:
-    pre = result["pretrain"]
-    lines = [f"pretrained   {pre['model_version']}: {pre['steps']} steps, val loss {pre['final_val_loss']:.3f}"]
-    if "weights" in result:
-        lines.append(f"GPT-2        {result['weights']['model_version']} ({result['weights']['checkpoint']})")
-    lines.append(f"finetuned    {result['finetune']['model_ref']} ({result['finetune']['model_dir']})")
-    judge = result.get("judge")
+def model_lines(result: PipelineRun, config: PipelineConfig, sources_dir: str | None) -> list[str]:
+    pre = result.pretrain
+    lines = [f"pretrained   {pre.model_version}: {pre.steps} steps, val loss {pre.final_val_loss:.3f}"]
+    if result.weights:
+        lines.append(f"GPT-2        {result.weights.model_version} ({result.weights.checkpoint})")
+    lines.append(f"finetuned    {result.finetune.model_ref} ({result.finetune.model_dir})")
+    judge = result.judge
     if judge:
-        m = judge["metrics"]
+        m = judge.metrics
         lines.append(
-            f"judge        {judge['judge']}: base {m.get('judge.base_model.mean', math.nan):.1f}, "
+            f"judge        {judge.judge}: base {m.get('judge.base_model.mean', math.nan):.1f}, "
             f"finetuned {m.get(SCORE_METRIC, math.nan):.1f} (mean of 0-100)"
         )
-        lines.append(f"             {control_verdict(judge['summary'])}")
+        lines.append(f"             {control_verdict(judge.summary)}")
     else:
         lines.append(f"judge        skipped: {skipped_because('judge_responses', config, sources_dir)}")
-    promotion = result["promotion"]
-    lines.append(f"promotion    {promotion['model']} -> @{', @'.join(promotion['aliases'])}: {promotion['reason']}")
+    promotion = result.promotion
+    lines.append(f"promotion    {promotion.model} -> @{', @'.join(promotion.aliases)}: {promotion.reason}")
     return lines
 
 
-def next_commands(result: dict[str, Any], output_dir: str | Path) -> list[str]:
+def next_commands(result: PipelineRun, output_dir: str | Path) -> list[str]:
     """The commands to look at this run, each runnable as printed (tests run them)."""
     from groundup import serving
 
     groundup, out = command(), shlex.quote(str(output_dir))
-    model = result["promotion"]["model"].split("/")[0]
+    model = result.promotion.model.split("/")[0]
     lines = [
         f"lineage:     {groundup} lineage {shlex.quote(model + '@candidate')} --output-dir {out}",
         f"both UIs:    {groundup} ui --output-dir {out}    (Prefect and MLflow on this run's data)",
@@ -111,10 +114,10 @@ def next_commands(result: dict[str, Any], output_dir: str | Path) -> list[str]:
 
 
 def summary(
-    result: dict[str, Any], config: PipelineConfig, output_dir: str | Path, sources_dir: str | None = None
+    result: PipelineRun, config: PipelineConfig, output_dir: str | Path, sources_dir: str | None = None
 ) -> str:
     """The report ``groundup run`` prints: stages, models, next commands."""
     return "\n".join([
-        "", "groundup pipeline", "", *stage_lines(result, config, sources_dir), "",
+        "", "groundup pipeline", "", *stage_lines(result.stages, config, sources_dir), "",
         *model_lines(result, config, sources_dir), "", *next_commands(result, output_dir),
     ])  # fmt: skip

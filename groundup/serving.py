@@ -21,11 +21,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from groundup.errors import GroundupError
-from groundup.files import write_json
+from groundup.files import exclusive_lock, write_json
 
 STATE_FILE = "servers.json"
 HOST = "127.0.0.1"
@@ -54,6 +55,10 @@ class Server:
 # ---------------------------------------------------------------------------------------------------------
 # State file
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _lock_path(out: Path) -> Path:
+    return out / "servers" / ".lock"
 
 
 def state_path(output_dir: str | Path) -> Path:
@@ -201,7 +206,11 @@ def launch_mlflow(out: Path, port: int) -> tuple[Server, subprocess.Popen]:
 def start_ui(output_dir: str | Path = "artifacts", timeout: float = 300.0) -> dict[str, Server]:
     """Start whichever of the two servers is not already running for ``output_dir``; record both."""
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(_lock_path(out)):  # two commands at once start one set of servers
+        return _start_ui(out, timeout)
+
+
+def _start_ui(out: Path, timeout: float) -> dict[str, Server]:
     servers = running_servers(out)
     started: list[tuple[Server, subprocess.Popen]] = []
     try:
@@ -238,17 +247,27 @@ def terminate(server: Server, grace: float = 20.0) -> bool:
     return True
 
 
-def start_background_prefect(output_dir: str | Path = "artifacts", timeout: float = 300.0) -> tuple[Server, bool]:
+def start_background_prefect(
+    output_dir: str | Path = "artifacts", timeout: float = 300.0, announce: Callable[[], None] | None = None
+) -> tuple[Server, bool]:
     """The Prefect server recorded for ``output_dir`` (by ``groundup ui`` or an earlier command), else a new
     one started in the background and recorded beside the others; returns it and whether it is new.
 
     It outlives this process on purpose (``groundup ui --stop`` ends it), so the next command connects to it
-    instead of starting Prefect's temporary server again."""
+    instead of starting Prefect's temporary server again. ``announce`` is called just before a start."""
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    # Two first commands at once (a schedule and a person, two terminals): the second waits for the first
+    # one's server instead of starting another and recording it over the first.
+    with exclusive_lock(_lock_path(out)):
+        return _start_background_prefect(out, timeout, announce)
+
+
+def _start_background_prefect(out: Path, timeout: float, announce: Callable[[], None] | None) -> tuple[Server, bool]:
     servers = running_servers(out)
     if "prefect" in servers:
         return servers["prefect"], False
+    if announce:
+        announce()
     # A port the kernel picks, not Prefect's usual 4200: another server that takes 4200 meanwhile (a second
     # checkout's) would answer our health checks while ours fails to bind, and be recorded as ours.
     server, process = launch_prefect(out, free_port())

@@ -51,6 +51,8 @@ def _fingerprint(value: Any) -> Any:
     """Content for paths that exist (so a changed byte is a miss and a moved file a hit), values otherwise."""
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a stage result: its paths' contents
+        return _fingerprint(dataclasses.asdict(value))
     if isinstance(value, Path) or (isinstance(value, str) and "\n" not in value and len(value) < 4096):
         path = Path(value)
         try:
@@ -150,20 +152,41 @@ def content_key_with(*fields: str) -> Callable[[TaskRunContext, dict[str, Any]],
     return key
 
 
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """What every stage of a flow run shares: the output root, the MLflow experiment and the parent run the
+    stage runs nest under. Tasks take them as three parameters (``output_dir`` is where outputs go on the
+    machine that runs the task, so placement swaps it per worker; ``experiment`` and ``parent_run_id`` stay
+    out of cache keys); flows build one context and pass ``**context.kwargs``."""
+
+    output_dir: str
+    experiment: str
+    parent_run_id: str | None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"output_dir": self.output_dir, "experiment": self.experiment, "parent_run_id": self.parent_run_id}
+
+
 @dataclasses.dataclass
 class StageResult:
-    """Base of the typed results tasks hand to flows: locations (paths, registered versions) and numbers,
-    never in-memory objects, so a result means the same in another process or on another machine."""
-
-    def __getitem__(self, key: str) -> Any:
-        # Read access by key, for callers written against the dict results stages used to return.
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
+    """Base of the typed results tasks hand to flows (and flows to their callers): locations (paths,
+    registered versions), run ids and numbers, never in-memory objects, so a result means the same in
+    another process or on another machine. Defined at module level: Prefect pickles persisted results."""
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-able data (nested results as dicts), for ``--json`` output and flow run pages."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, StageResult):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def hf_token(secret_name: str | None) -> str | None:

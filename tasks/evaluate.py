@@ -7,6 +7,7 @@ registered version (``tracking.record_evaluation``), so the registry shows them 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,56 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from groundup import tracking
 from groundup.config import GenerationConfig, JudgeConfig, MCEvalConfig, config_digest
 from groundup.files import sha256_file
-from groundup.tasks.common import content_key, content_key_with, png_markdown, progress_reporter, stage_run
+from groundup.tasks.common import (
+    StageResult,
+    content_key,
+    content_key_with,
+    png_markdown,
+    progress_reporter,
+    stage_run,
+)
 
 TEST_DATASET = "instruct-test"
 RESPONSES_DATASET = "test-responses"
 PREVIEW_CHARS = 160
+
+
+@dataclasses.dataclass
+class TestResponses(StageResult):
+    """Both models' answers to the test set: the JSON Lines file, and what was answered with what."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    responses: str  # the JSON Lines file, one record per test entry
+    entries: int
+    cached: bool  # answered by an earlier run (the file was complete already)
+    models: dict[str, dict[str, Any]]  # base_model / finetuned_model -> its identity (id, digest, prompt style)
+    metrics: dict[str, float]
+    run_id: str
+
+
+@dataclasses.dataclass
+class JudgeScores(StageResult):
+    """The judge's scores of both models' answers: files, summary statistics and whether to trust them."""
+
+    scores: str  # Parquet, one row per test entry
+    judgments: str
+    histogram: str
+    summary: dict[str, Any]  # per model and control: count, unparsed, mean, ...; the paired difference
+    metrics: dict[str, float]
+    verdict: str  # one sentence from the controls: does the judge tell right from wrong?
+    judge: str  # the judge's id
+    run_id: str
+
+
+@dataclasses.dataclass
+class MCAccuracy(StageResult):
+    """lm-eval multiple-choice accuracy of one model."""
+
+    metrics: dict[str, float]  # flat: ``mc.<task>.acc`` ...
+    tasks: dict[str, dict[str, float]]
+    samples: dict[str, int]  # questions per task
+    run_id: str
 
 
 def local_model(model: str, output_dir: str) -> str:
@@ -55,18 +101,14 @@ def generate_responses(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
-    """Both models' responses to every test entry, in ``<output_dir>/eval/responses/``."""
+    model_versions: list[str | None] | None = None,
+) -> TestResponses:
+    """Both models' responses to every test entry, in ``<output_dir>/eval/responses/``; ``model_versions``
+    (the registered versions of the two models, where they are registered) become the run's model inputs."""
     from groundup.instruct import responses as library
     from groundup.instruct.resumable import read_jsonl
 
-    with stage_run(
-        "generate_responses",
-        config=config,
-        parent_run_id=parent_run_id,
-        output_dir=output_dir,
-        experiment=experiment,
-    ) as run:
+    with stage_run("generate_responses", config=config, parent_run_id=parent_run_id, output_dir=output_dir, experiment=experiment) as run:
         result = library.generate_responses(
             test_data,
             local_model(base_model, output_dir),
@@ -84,6 +126,7 @@ def generate_responses(
             }
         )
         run.log_dataset(test_data, name=TEST_DATASET, digest=sha256_file(test_data), context="testing")
+        tracking.log_versions_used(run, model_versions or [])
         run.log_artifact(result.path, "responses")
         metrics = {"entries": result.entries}
         for key in library.MODEL_KEYS:
@@ -96,14 +139,10 @@ def generate_responses(
             markdown=_responses_markdown(records, result),
             description="test-set responses of the base and finetuned models",
         )
-        return {
-            "responses": str(result.path),
-            "entries": result.entries,
-            "cached": result.cached,
-            "models": result.models,
-            "metrics": metrics,
-            "run_id": run.run_id,
-        }
+        return TestResponses(
+            responses=str(result.path), entries=result.entries, cached=result.cached, models=result.models,
+            metrics=metrics, run_id=run.run_id,
+        )  # fmt: skip
 
 
 def _responses_markdown(records: list[dict[str, Any]], result: Any, shown: int = 3) -> str:
@@ -138,20 +177,14 @@ def judge_responses(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> JudgeScores:
     """Score both models' responses with the configured judge; ``finetuned_ref`` (``name/version``) is the
     registered finetuned model the evaluation is recorded on."""
     from groundup.instruct import judge as library
 
     responses_sha256 = sha256_file(responses)
     out = Path(output_dir) / "eval" / "judge" / config_digest([responses_sha256, config.digest()])
-    with stage_run(
-        "judge_responses",
-        config=config,
-        parent_run_id=parent_run_id,
-        output_dir=output_dir,
-        experiment=experiment,
-    ) as run:
+    with stage_run("judge_responses", config=config, parent_run_id=parent_run_id, output_dir=output_dir, experiment=experiment) as run:
         local = config.model if config.backend != "litgpt" else local_model(config.model, output_dir)
         judge = library.make_judge(config.model_copy(update={"model": local}))
         result = library.judge_responses(
@@ -185,16 +218,10 @@ def judge_responses(
         create_markdown_artifact(
             key="judge-summary", markdown=_judge_markdown(judge.judge_id, result), description="judge summary"
         )
-        return {
-            "scores": str(result.scores),
-            "judgments": str(result.judgments),
-            "histogram": str(result.histogram),
-            "summary": result.summary,
-            "metrics": metrics,
-            "verdict": verdict,
-            "judge": judge.judge_id,
-            "run_id": run.run_id,
-        }
+        return JudgeScores(
+            scores=str(result.scores), judgments=str(result.judgments), histogram=str(result.histogram),
+            summary=result.summary, metrics=metrics, verdict=verdict, judge=judge.judge_id, run_id=run.run_id,
+        )  # fmt: skip
 
 
 def _comparison_rows(table: Any) -> list[dict[str, Any]]:
@@ -255,17 +282,11 @@ def evaluate_mc(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> MCAccuracy:
     """lm-eval accuracy of ``model`` on ``config.tasks``; recorded on ``model_ref`` if given."""
     from groundup.instruct.mc_eval import evaluate_mc as run_mc
 
-    with stage_run(
-        f"evaluate_mc_{label}",
-        config=config,
-        parent_run_id=parent_run_id,
-        output_dir=output_dir,
-        experiment=experiment,
-    ) as run:
+    with stage_run(f"evaluate_mc_{label}", config=config, parent_run_id=parent_run_id, output_dir=output_dir, experiment=experiment) as run:
         result = run_mc(
             local_model(model, output_dir),
             config.tasks,
@@ -291,4 +312,4 @@ def evaluate_mc(
             f"| task | acc | stderr | questions |\n|---|---|---|---|\n{rows}\n",
             description=f"lm-eval accuracy ({label})",
         )
-        return {"metrics": metrics, "tasks": result.metrics, "samples": result.samples, "run_id": run.run_id}
+        return MCAccuracy(metrics=metrics, tasks=result.metrics, samples=result.samples, run_id=run.run_id)

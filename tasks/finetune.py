@@ -41,22 +41,34 @@ VAL_DATASET = "instruct-val"
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class TrainTestSplit(StageResult):
+    """Where the instruction data's train and test parts were written, their sizes and digests, and how the
+    finetune stage holds out its validation share of the training part."""
+
+    source: str
+    source_sha256: str
+    train: str
+    test: str
+    n_train: int
+    n_test: int
+    train_sha256: str
+    test_sha256: str
+    val_fraction: float
+    seed: int
+    run_id: str
+
+
 @task(name="split_instructions", cache_key_fn=content_key_with("config.source"), persist_result=True)
 def split_instructions(
     config: InstructDataConfig,
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> TrainTestSplit:
     """Fetch, validate and split the instruction data into ``<output_dir>/instruct/<settings>/``."""
     out = Path(output_dir)
-    with stage_run(
-        "split_instructions",
-        config=config,
-        parent_run_id=parent_run_id,
-        output_dir=output_dir,
-        experiment=experiment,
-    ) as run:
+    with stage_run("split_instructions", config=config, parent_run_id=parent_run_id, output_dir=output_dir, experiment=experiment) as run:
         split = instruct_data.prepare_instruction_data(
             config, out_dir=out / "instruct" / config.digest(), cache_dir=out / "downloads"
         )
@@ -78,12 +90,7 @@ def split_instructions(
             ),
             description="train/test split of the instruction data",
         )
-        return {
-            **split.as_dict(),
-            "val_fraction": config.val_fraction,
-            "seed": config.seed,
-            "run_id": run.run_id,
-        }
+        return TrainTestSplit(**split.as_dict(), val_fraction=config.val_fraction, seed=config.seed, run_id=run.run_id)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,7 +120,7 @@ class FinetuneResult(StageResult):
     outputs: dict[str, str]  # engine-specific locations (the LitGPT LoRA weights, the groundup adapter)
 
     def __getattr__(self, name: str) -> str:
-        # Engine-specific outputs read like fields (result.lora_weights, result["adapter_dir"]).
+        # Engine-specific outputs read like fields (result.lora_weights, result.adapter_dir).
         outputs = self.__dict__.get("outputs", {})
         if name in outputs:
             return outputs[name]

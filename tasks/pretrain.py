@@ -7,6 +7,7 @@ model version it was registered as is reused instead of registering a duplicate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from groundup import tracking
 from groundup.config import PretrainConfig
+from groundup.errors import ModelError
 from groundup.files import sha256_file, write_json
-from groundup.tasks.common import content_key, png_markdown, progress_reporter, stage_run
+from groundup.tasks.common import StageResult, content_key, png_markdown, progress_reporter, stage_run
 from groundup.train.loop import TrainHooks
 from groundup.train.pretrain import STAGE, PretrainResult, pretrain_gpt
 from groundup.train.state import EvalPoint
@@ -25,6 +27,23 @@ from groundup.train.state import EvalPoint
 MODEL_NAME = "groundup-gpt"
 TOKENS_DATASET = "pretrain-tokens"
 REGISTERED_FILE = "registered.json"
+
+
+@dataclasses.dataclass
+class PretrainedModel(StageResult):
+    """What pretraining hands on: the checkpoint, its registered version and how the training went."""
+
+    checkpoint: str
+    model_version: str  # ``groundup-gpt/N``
+    loss_plot: str
+    run_dir: str
+    steps: int
+    tokens_seen: int
+    final_train_loss: float
+    final_val_loss: float
+    samples: list[dict[str, Any]]  # text generated at the end of each epoch: epoch, step, text
+    resumed_from: int | None
+    run_id: str
 
 
 def _eval_metrics(point: EvalPoint) -> dict[str, float]:
@@ -45,7 +64,7 @@ def _registered_version(run_dir: Path) -> str | None:
     ref = json.loads(path.read_text(encoding="utf-8"))["model_version"]
     try:
         tracking.resolve_version(ref)
-    except LookupError:
+    except ModelError:
         return None
     return ref
 
@@ -80,7 +99,7 @@ def pretrain(
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
     text_sha256: str | None = None,
-) -> dict[str, Any]:
+) -> PretrainedModel:
     """Pretrain on ``parquet``, log the run to MLflow and register the model as ``groundup-gpt``.
 
     ``text_sha256`` (the raw text the tokens came from) joins the Parquet digest in the model's lineage.
@@ -127,18 +146,19 @@ def pretrain(
             write_json(run_dir / REGISTERED_FILE, {"model_version": model_version, "run_id": run.run_id})
         else:
             logger.info(f"{result.checkpoint} is already registered as {model_version}")
+            run.log_model_outputs([tracking.model_id_of(tracking.resolve_version(model_version))])
         markdown = summary_markdown(result, model_version, config)
         create_markdown_artifact(key="pretrain-summary", markdown=markdown, description="pretraining summary")
-        return {
-            "checkpoint": result.checkpoint,
-            "model_version": model_version,
-            "loss_plot": result.loss_plot,
-            "run_dir": result.run_dir,
-            "steps": result.steps,
-            "tokens_seen": result.tokens_seen,
-            "final_train_loss": final["train_loss"],
-            "final_val_loss": final["val_loss"],
-            "samples": result.samples,
-            "resumed_from": result.resumed_from,
-            "run_id": run.run_id,
-        }
+        return PretrainedModel(
+            checkpoint=result.checkpoint,
+            model_version=model_version,
+            loss_plot=result.loss_plot,
+            run_dir=result.run_dir,
+            steps=result.steps,
+            tokens_seen=result.tokens_seen,
+            final_train_loss=final["train_loss"],
+            final_val_loss=final["val_loss"],
+            samples=result.samples,
+            resumed_from=result.resumed_from,
+            run_id=run.run_id,
+        )

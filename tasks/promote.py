@@ -9,20 +9,32 @@ version is or is not the champion.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import dataclasses
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from groundup import tracking
 from groundup.instruct.promotion import Champion, decide
-from groundup.tasks.common import stage_run
+from groundup.tasks.common import StageResult, stage_run
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 SCORE_TAG = tracking.TAG + "score"
 BASIS_TAG = tracking.TAG + "score_basis"
 PROMOTION_TAG = tracking.TAG + "promotion"
+
+
+@dataclasses.dataclass
+class Promotion(StageResult):
+    """The decision on a model version: the aliases it now has, and why (``instruct.promotion.Decision``)."""
+
+    model: str  # name/version
+    aliases: list[str]
+    promoted: bool  # became the champion
+    reason: str
+    champion_before: str | None
+    champion_score: float | None
 
 
 def registered_champion(version: tracking.ModelVersion | None) -> Champion | None:
@@ -42,7 +54,7 @@ def promote(
     output_dir: str = "artifacts",
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
-) -> dict:
+) -> Promotion:
     """Alias ``model`` (``name/version``) as candidate; as champion too if its ``score`` beats the champion's.
 
     Not cached on purpose: the decision depends on the registry's current state, not only on the inputs.
@@ -90,4 +102,4 @@ def promote(
         markdown=f"**{ref}** → {', '.join('@' + a for a in aliases)}: {decision.reason}",
         description="Model promotion",
     )
-    return {"model": ref, "aliases": aliases, **asdict(decision)}
+    return Promotion(model=ref, aliases=aliases, **dataclasses.asdict(decision))

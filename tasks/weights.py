@@ -7,18 +7,40 @@ Hub's own cache), and a checkpoint already converted from the same source files 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from groundup import tracking
 from groundup.config import WeightsConfig
-from groundup.tasks.common import content_key_with, progress_reporter, retry_if_transient, stage_run
+from groundup.tasks.common import (
+    StageResult,
+    content_key_with,
+    progress_reporter,
+    retry_if_transient,
+    stage_run,
+)
 from groundup.weights import ConvertedGPT2, prepare_gpt2
 
 STAGE = "gpt2_weights"
+
+
+@dataclasses.dataclass
+class FetchedGPT2(StageResult):
+    """GPT-2 converted into our model: the checkpoint, its registered version and the source it came from."""
+
+    checkpoint: str
+    model_version: str  # ``gpt2-124m/N``
+    model_name: str
+    parent: str  # the source (``openai:124M``, ``hf:gpt2``, ``dir:...``), the version's lineage parent
+    source_format: str
+    source_digest: str
+    converted: bool  # False when a checkpoint converted from the same source files was reused
+    n_parameters: int
+    smoke_text: str
+    run_id: str
 
 
 def _markdown_summary(result: ConvertedGPT2, model_ref: str) -> str:
@@ -50,7 +72,7 @@ def fetch_gpt2_weights(
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     parent_run_id: str | None = None,
     out_dir: str | None = None,
-) -> dict[str, Any]:
+) -> FetchedGPT2:
     """Fetch and convert the GPT-2 ``config`` names into ``out_dir`` (default ``<output_dir>/models/...``),
     log its source files as datasets and register it (``gpt2-124m`` …) with the source as its parent."""
     out = Path(output_dir).resolve()
@@ -95,16 +117,15 @@ def fetch_gpt2_weights(
         create_markdown_artifact(
             key="gpt2-weights", markdown=_markdown_summary(result, model_ref), description="GPT-2 weights"
         )
-        return {
-            "checkpoint": str(result.checkpoint),
-            "model_version": model_ref,
-            "model_name": result.name,
-            "parent": source.parent,
-            "source_format": source.format,
-            "source_digest": source.digest,
-            "converted": result.converted,
-            "n_parameters": result.n_parameters,
-            "smoke_text": result.smoke_text,
-            "run_id": run.run_id,
-        }
-
+        return FetchedGPT2(
+            checkpoint=str(result.checkpoint),
+            model_version=model_ref,
+            model_name=result.name,
+            parent=source.parent,
+            source_format=source.format,
+            source_digest=source.digest,
+            converted=result.converted,
+            n_parameters=result.n_parameters,
+            smoke_text=result.smoke_text,
+            run_id=run.run_id,
+        )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,23 @@ def tiny_config(sources: Path, output_dir: Path, judge_url: str, extra: list[str
 
     overrides = [*local_sources(sources), *tiny_overrides(output_dir, judge_url), *(extra or [])]
     return load_config(PipelineConfig, "quickstart", overrides)
+
+
+# Prefect records task-run states from events, after the flow run has returned: read them until they settle.
+UNSETTLED = {"Scheduled", "Pending", "Running", "Retrying", "AwaitingRetry"}
+
+
+def settled_states(
+    read: Callable[[], dict[str, str]], expected: Iterable[str] = (), timeout: float = 120.0
+) -> dict[str, str]:
+    """``read()`` (task run name -> state name) once every ``expected`` name is there, no state is still
+    in flight, and two reads agree; the last read if that takes longer than ``timeout``."""
+    expected, deadline, last = set(expected), time.monotonic() + timeout, None
+    while True:
+        states = read()
+        if expected <= set(states) and not UNSETTLED & set(states.values()) and states == last:
+            return states
+        if time.monotonic() > deadline:
+            return states
+        last = states
+        time.sleep(1)

@@ -53,34 +53,34 @@ def test_prepare_data_from_a_url(prefect_harness, mlflow_tracking, served_verdic
     result = state.result()
 
     # The text landed content-addressed in the downloads cache; the tokens are tiktoken's.
-    assert result["text"] == str(mlflow_tracking / "downloads" / VERDICT_SHA256 / "the-verdict.txt")
-    assert result["text_sha256"] == VERDICT_SHA256
-    assert (result["tokens"], result["characters"]) == (5145, 20479)
-    assert read_tokens(result["parquet"])[:4].tolist() == [40, 367, 2885, 1464]
-    assert result["parquet"].startswith(str(mlflow_tracking / "data" / "the-verdict-b41e41a68f03-gpt2"))
-    assert result["parquet_sha256"] == hashlib.sha256(open(result["parquet"], "rb").read()).hexdigest()
+    assert result.text.path == str(mlflow_tracking / "downloads" / VERDICT_SHA256 / "the-verdict.txt")
+    assert result.text.sha256 == VERDICT_SHA256
+    assert (result.tokens.tokens, result.tokens.characters) == (5145, 20479)
+    assert read_tokens(result.tokens.parquet)[:4].tolist() == [40, 367, 2885, 1464]
+    assert result.tokens.parquet.startswith(str(mlflow_tracking / "data" / "the-verdict-b41e41a68f03-gpt2"))
+    assert result.tokens.parquet_sha256 == hashlib.sha256(open(result.tokens.parquet, "rb").read()).hexdigest()
 
     # MLflow: a "data" stage run nested in the flow's run, with both files as datasets and the statistics.
-    run = tracking.client().get_run(result["run_id"])
+    run = tracking.client().get_run(result.corpus.run_id)
     parent = tracking.client().get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["mlflow.runName"] == "prepare-data"
     assert run.data.tags["groundup.flow_run_id"] == str(state.state_details.flow_run_id)
     datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
-    assert set(datasets) == {"the-verdict.txt", result["parquet"].rsplit("/", 1)[1]}
+    assert set(datasets) == {"the-verdict.txt", result.tokens.parquet.rsplit("/", 1)[1]}
     assert datasets["the-verdict.txt"].dataset.digest == VERDICT_SHA256[:16]
     assert {t.key: t.value for t in datasets["the-verdict.txt"].tags}["groundup.sha256"] == VERDICT_SHA256
     assert datasets["the-verdict.txt"].dataset.source_type == "http"
-    parquet_input = datasets[result["parquet"].rsplit("/", 1)[1]]
-    assert parquet_input.dataset.digest == result["parquet_sha256"][:16]
+    parquet_input = datasets[result.tokens.parquet.rsplit("/", 1)[1]]
+    assert parquet_input.dataset.digest == result.tokens.parquet_sha256[:16]
     metrics = run.data.metrics
     assert (metrics["tokens"], metrics["characters"], metrics["train_tokens"], metrics["val_tokens"]) == (5145, 20479, 4630, 515)
-    assert metrics["unique_tokens"] == result["unique_tokens"] == len(set(read_tokens(result["parquet"]).tolist()))
+    assert metrics["unique_tokens"] == result.tokens.unique_tokens == len(set(read_tokens(result.tokens.parquet).tolist()))
 
     # Prefect: the corpus summary as a markdown artifact of this flow run.
     (artifact,) = corpus_artifacts(state.state_details.flow_run_id)
     assert "| characters | 20,479 |" in artifact.data
     assert "| tokens | 5,145 (gpt2, vocabulary 50,257) |" in artifact.data
-    assert f"| unique tokens | {result['unique_tokens']:,} |" in artifact.data
+    assert f"| unique tokens | {result.tokens.unique_tokens:,} |" in artifact.data
     assert '| 1 | 11 | `","` | 217 |' in artifact.data  # the most frequent token: the comma
 
 
@@ -104,11 +104,11 @@ def test_tokenize_cache_follows_content(prefect_harness, verdict_path, gpt2_voca
     assert first.name == "Completed"
     assert same_bytes.name == "Cached" and same_bytes.result() == first.result()
     assert changed.name == "Completed"
-    assert changed.result()["parquet"] != first.result()["parquet"]
-    assert changed.result()["text_sha256"] == hashlib.sha256(edited.read_bytes()).hexdigest()
+    assert changed.result().parquet != first.result().parquet
+    assert changed.result().text_sha256 == hashlib.sha256(edited.read_bytes()).hexdigest()
 
     # Cross-run: a new flow run on the same bytes is a hit; the file is not rewritten.
-    parquet = out / "data" / first.result()["parquet"].rsplit("/", 1)[1]
+    parquet = out / "data" / first.result().parquet.rsplit("/", 1)[1]
     mtime = parquet.stat().st_mtime_ns
     again, _, _ = tokenize_three_times()
     assert again.name == "Cached"
@@ -127,7 +127,7 @@ def test_download_retries_transient_failures_only(prefect_harness, served_verdic
 
     ok, missing = download_twice()
 
-    assert ok.is_completed() and ok.result()["sha256"] == VERDICT_SHA256
+    assert ok.is_completed() and ok.result().sha256 == VERDICT_SHA256
     assert missing.is_failed()
     requests = [path for _, path, _ in file_server.requests]
     assert requests == ["the-verdict.txt", "the-verdict.txt", "missing.txt"]  # a 503 is retried, a 404 is not

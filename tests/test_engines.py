@@ -86,7 +86,7 @@ def test_a_third_engine_is_one_registry_line(prefect_harness, mlflow_tracking, t
         data=InstructDataConfig(source=str(data), val_fraction=0.2),
         output_dir=str(mlflow_tracking),
     )
-    tuned = result["finetune"]
+    tuned = result.finetune
     assert (tuned.engine, tuned.model_ref, tuned.n_train + tuned.n_val) == ("toy", "finetuned-toy-base/1", 17)
     registered = tracking.model_directory(tuned.model_ref, tmp_path / "download")
     assert json.loads((registered / "answer.json").read_text())["answer"] == "yes"

@@ -92,11 +92,11 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
     finally:
         server.stop()
     assert judged == 4 * len(ENTRIES) and len(server.requests) == judged
-    assert again["judge"]["run_id"] == result["judge"]["run_id"]
-    assert again["responses"] == result["responses"]
+    assert again.judge.run_id == result.judge.run_id
+    assert again.responses == result.responses
 
-    assert result["responses"]["entries"] == len(ENTRIES)
-    summary = result["judge"]["summary"]
+    assert result.responses.entries == len(ENTRIES)
+    summary = result.judge.summary
     assert summary["base_model"]["unparsed"] == 1 and summary["base_model"]["mean"] == pytest.approx(40.0)
     assert summary["finetuned_model"]["unparsed"] == 0 and summary["finetuned_model"][
         "mean"
@@ -104,37 +104,37 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
     assert summary["difference"]["pairs"] == 2 and summary["difference"]["mean"] == pytest.approx(35.0)
     assert summary["control"]["auc"] == 1.0 and summary["control"]["trusted"]
     assert summary["reference_answer"]["mean"] == pytest.approx(265 / 3)
-    assert result["judge"]["verdict"].startswith("The judge tells right from wrong: control AUC 1.00")
-    assert set(result["mc_eval"]) == {"base_model", "finetuned_model"}
-    assert result["mc_eval"]["finetuned_model"]["samples"] == {MC_TASK: 3}
+    assert result.judge.verdict.startswith("The judge tells right from wrong: control AUC 1.00")
+    assert set(result.mc_eval) == {"base_model", "finetuned_model"}
+    assert result.mc_eval["finetuned_model"].samples == {MC_TASK: 3}
 
     # MLflow: nested stage runs with metrics and artifacts
     client = tracking.client()
-    judge_run = client.get_run(result["judge"]["run_id"])
-    assert judge_run.data.tags["mlflow.parentRunId"] == result["run_id"]
+    judge_run = client.get_run(result.judge.run_id)
+    assert judge_run.data.tags["mlflow.parentRunId"] == result.run_id
     assert judge_run.data.metrics["judge.finetuned_model.mean"] == pytest.approx((60 + 90 + 70) / 3)
     assert judge_run.data.metrics["judge.base_model.unparsed_share"] == pytest.approx(1 / 3)
     assert judge_run.data.metrics["judge.control.auc"] == 1.0
     assert judge_run.data.metrics["judge.mismatched_answer.mean"] == pytest.approx(35 / 3)
-    assert judge_run.data.tags[tracking.TAG + "judge.verdict"] == result["judge"]["verdict"]
+    assert judge_run.data.tags[tracking.TAG + "judge.verdict"] == result.judge.verdict
     artifacts = {a.path for a in client.list_artifacts(judge_run.info.run_id)}
     assert {"scores_table.json", "judge"} <= artifacts
     judge_files = {Path(a.path).name for a in client.list_artifacts(judge_run.info.run_id, "judge")}
     assert {"scores.parquet", "judgments.jsonl", "scores_histogram.png"} <= judge_files
-    scores = pd.read_parquet(result["judge"]["scores"])
+    scores = pd.read_parquet(result.judge.scores)
     assert scores["base_model_reply"].tolist() == ["30", "Score: 50/100", "eighty"]
 
     # the registry shows the evaluation next to the model
     node = tracking.lineage(ref)
     runs = {e["run_id"]: e["metrics"] for e in node["evaluations"]}
-    assert result["judge"]["run_id"] in runs
-    assert runs[result["judge"]["run_id"]]["judge.difference.mean"] == pytest.approx(35.0)
-    assert f"mc.{MC_TASK}.acc" in runs[result["mc_eval"]["finetuned_model"]["run_id"]]
+    assert result.judge.run_id in runs
+    assert runs[result.judge.run_id]["judge.difference.mean"] == pytest.approx(35.0)
+    assert f"mc.{MC_TASK}.acc" in runs[result.mc_eval["finetuned_model"].run_id]
     version = tracking.resolve_version(ref)
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert "judge.finetuned_model.mean" in {m.key for m in logged.metrics or []}
     # MLflow's own graph: the evaluated model is an input of the evaluation runs
-    for run_id in (result["judge"]["run_id"], result["mc_eval"]["finetuned_model"]["run_id"]):
+    for run_id in (result.judge.run_id, result.mc_eval["finetuned_model"].run_id):
         assert logged.model_id in {m.model_id for m in client.get_run(run_id).inputs.model_inputs}
     assert f"[judge_responses](#/experiments/{judge_run.info.experiment_id}/runs/{judge_run.info.run_id})" in (
         client.get_model_version(version.name, version.version).description
@@ -145,7 +145,7 @@ def test_evaluate_flow_records_scores_on_the_registered_model(
         assert Artifact.get(key) is not None, key
     table = json.loads(Artifact.get("judge-scores").data)
     assert [row["finetuned_model_score"] for row in table] == [60, 90, 70]
-    assert result["judge"]["verdict"] in Artifact.get("judge-summary").data
+    assert result.judge.verdict in Artifact.get("judge-summary").data
 
 
 @pytest.mark.slow

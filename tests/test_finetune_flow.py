@@ -52,40 +52,40 @@ def test_finetune_flow_trains_tracks_registers_and_caches(
     )
 
     first = finetune(config=config, data=data, output_dir=out)
-    split, result = first["split"], first["finetune"]
+    split, result = first.split, first.finetune
 
     # The split: 34/6 of the first 40 entries; the val share (0.1 of train) is held out for finetuning.
-    assert (split["n_train"], split["n_test"]) == (34, 6)
-    assert (result["n_train"], result["n_val"]) == (31, 3)
+    assert (split.n_train, split.n_test) == (34, 6)
+    assert (result.n_train, result.n_val) == (31, 3)
 
     # The merged model is a complete LitGPT checkpoint that loads and generates.
-    llm = litgpt.LLM.load(result["model_dir"])
+    llm = litgpt.LLM.load(result.model_dir)
     assert isinstance(llm.generate("Name a color.", max_new_tokens=4, temperature=0.0), str)
-    assert result["lora_weights"].endswith("final/lit_model.pth.lora")
+    assert result.lora_weights.endswith("final/lit_model.pth.lora")
     # The checkpoint records our prompt style, so LLM.load / litgpt serve format prompts like training did.
     assert (
-        "groundup.instruct.litgpt_prompts.Alpaca" in open(f"{result['model_dir']}/prompt_style.yaml").read()
+        "groundup.instruct.litgpt_prompts.Alpaca" in open(f"{result.model_dir}/prompt_style.yaml").read()
     )
 
     # Metrics with steps in the stage's MLflow run; datasets with digests; the model registered with lineage.
-    run = tracking.client().get_run(result["run_id"])
-    loss = tracking.client().get_metric_history(result["run_id"], "loss")
+    run = tracking.client().get_run(result.run_id)
+    loss = tracking.client().get_metric_history(result.run_id, "loss")
     assert len(loss) == 6 and [m.step for m in loss] == [1, 2, 3, 4, 5, 6]  # 3 steps x 2 micro batches
-    assert [m.step for m in tracking.client().get_metric_history(result["run_id"], "val_loss")] == [4, 6]
+    assert [m.step for m in tracking.client().get_metric_history(result.run_id, "val_loss")] == [4, 6]
     for name in ("learning_rate", "iter_time", "tokens", "val_ppl"):
-        assert tracking.client().get_metric_history(result["run_id"], name), name
-    assert run.data.metrics["final_val_loss"] == pytest.approx(result["metrics"]["val_loss"])
+        assert tracking.client().get_metric_history(result.run_id, name), name
+    assert run.data.metrics["final_val_loss"] == pytest.approx(result.metrics["val_loss"])
     assert run.data.params["lora.r"] == "4" and run.data.params["accelerator"] == "cpu"
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
-    assert inputs["instruct-train"] == split["train_sha256"][:16] and "instruct-val" in inputs
+    assert inputs["instruct-train"] == split.train_sha256[:16] and "instruct-val" in inputs
 
-    assert result["model_ref"] == "finetuned-tiny-pythia/1"
-    node = tracking.lineage(result["model_ref"])
-    assert node["datasets"]["instruct-train"] == split["train_sha256"] and set(node["datasets"]) == set(inputs)
+    assert result.model_ref == "finetuned-tiny-pythia/1"
+    node = tracking.lineage(result.model_ref)
+    assert node["datasets"]["instruct-train"] == split.train_sha256 and set(node["datasets"]) == set(inputs)
     assert node["parent"] == {"model": f"dir:{tiny_litgpt_dir}", "external": True}
-    version = tracking.resolve_version(result["model_ref"])
-    assert version.tags["groundup.base_sha256"] == result["base_sha256"]
-    files = tracking.model_directory(result["model_ref"], mlflow_tracking.parent / "download")
+    version = tracking.resolve_version(result.model_ref)
+    assert version.tags["groundup.base_sha256"] == result.base_sha256
+    files = tracking.model_directory(result.model_ref, mlflow_tracking.parent / "download")
     assert (files / "lit_model.pth").is_file() and (files / "lit_model.pth.lora").is_file()
 
     # The same inputs again, through the CLI: a cache hit (no new training run, no new version).
@@ -101,8 +101,8 @@ def test_finetune_flow_trains_tracks_registers_and_caches(
         FinetuneConfig, "quickstart", [*finetune_overrides(tiny_litgpt_dir), "lora.r=2"], "finetune"
     )
     changed = finetune(config=rank_2, data=data, output_dir=out)
-    assert changed["finetune"]["run_id"] != result["run_id"]
-    assert changed["finetune"]["model_ref"] == "finetuned-tiny-pythia/2"
+    assert changed.finetune.run_id != result.run_id
+    assert changed.finetune.model_ref == "finetuned-tiny-pythia/2"
     assert len(stage_runs("finetune_lora")) == 2
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,20 @@ def groundup(*args: str, env: dict[str, str], cwd: Path, timeout: float = 600) -
     script = Path(sys.executable).parent / "groundup"
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "groundup.cli"]
     return subprocess.run([*argv, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _prefect_servers(out: Path) -> list[int]:
+    """Pids of the Prefect server processes running with their home under ``out``."""
+    pids, home = [], f"PREFECT_HOME={out / 'prefect'}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            environment = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if b"server" in command and b"start" in command and home in environment:
+            pids.append(int(proc.name))
+    return pids
 
 
 def closed_port_url(path: str) -> str:
@@ -78,10 +93,16 @@ def test_commands_share_one_background_prefect_server_until_ui_stop(tmp_path, ve
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env["GROUNDUP_PREFECT_SERVER"] = "background"
     try:
-        first = groundup("data", "--source", str(verdict_path), "--output-dir", str(out), env=env, cwd=tmp_path)
-        assert first.returncode == 0, first.stderr[-3000:]
-        assert "starting a Prefect server" in first.stderr
+        # Two first commands at once (two terminals, a schedule and a person): one server between them.
+        with ThreadPoolExecutor(2) as pool:
+            firsts = list(pool.map(
+                lambda _: groundup("data", "--source", str(verdict_path), "--output-dir", str(out), env=env, cwd=tmp_path),
+                range(2),
+            ))  # fmt: skip
+        assert all(first.returncode == 0 for first in firsts), [first.stderr[-3000:] for first in firsts]
+        assert [first.stderr.count("starting a Prefect server") for first in firsts] in ([1, 0], [0, 1])
         server = serving.running_servers(out)["prefect"]
+        assert len(_prefect_servers(out)) == 1
         assert server.alive() and os.getpgid(server.pid) == server.pid  # outlives the command, in its own group
 
         second = groundup("data", "--source", str(verdict_path), "--output-dir", str(out), env=env, cwd=tmp_path)

@@ -184,31 +184,31 @@ def test_finetune_flow_with_the_groundup_engine(
     kwargs = dict(config=config, data=data, output_dir=out, weights=WeightsConfig(from_dir=str(hf_dir)))
 
     result = finetune(**kwargs)
-    tuned = result["finetune"]
-    assert tuned["engine"] == "groundup" and tuned["metrics"]["steps"] == 3
-    node = tracking.lineage(tuned["model_ref"])
+    tuned = result.finetune
+    assert tuned.engine == "groundup" and tuned.metrics["steps"] == 3
+    node = tracking.lineage(tuned.model_ref)
     assert node["stage"] == "finetune_groundup"
-    assert node["datasets"]["instruct-train"] == sha256_file(result["split"]["train"])
-    assert node["parent"]["model"] == tuned["base_model_ref"] and node["parent"]["stage"] == "gpt2_weights"
-    assert tuned["model_ref"].startswith("finetuned-" + tuned["base_model_ref"].split("/")[0])
-    history = tracking.client().get_metric_history(tuned["run_id"], "val_loss")
+    assert node["datasets"]["instruct-train"] == sha256_file(result.split.train)
+    assert node["parent"]["model"] == tuned.base_model_ref and node["parent"]["stage"] == "gpt2_weights"
+    assert tuned.model_ref.startswith("finetuned-" + tuned.base_model_ref.split("/")[0])
+    history = tracking.client().get_metric_history(tuned.run_id, "val_loss")
     assert [m.step for m in history] == [1, 3]
 
     # Same inputs again: every stage is a cache hit, no new training run.
-    assert finetune(**kwargs)["finetune"]["run_id"] == tuned["run_id"]
+    assert finetune(**kwargs).finetune.run_id == tuned.run_id
 
     # The registered files are the adapter alone; loading them rebuilds base + adapter.
-    registered = tracking.model_directory(tuned["model_ref"], tmp_path / "download")
+    registered = tracking.model_directory(tuned.model_ref, tmp_path / "download")
     assert {"adapter.json", "adapter.safetensors"} <= {p.name for p in registered.iterdir()}
     assert "model.safetensors" not in {p.name for p in registered.iterdir()}
     x = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = load_model(tuned["adapter_dir"])(x)
-        shutil.rmtree(tuned["base_dir"])  # only the registry has the base now
+        expected = load_model(tuned.adapter_dir)(x)
+        shutil.rmtree(tuned.base_dir)  # only the registry has the base now
         torch.testing.assert_close(load_model(registered)(x), expected)
 
     assert (
-        main(["generate", tuned["model_ref"], "Name a color.", "--max-new-tokens", "4", "--output-dir", out])
+        main(["generate", tuned.model_ref, "Name a color.", "--max-new-tokens", "4", "--output-dir", out])
         == 0
     )
     assert capsys.readouterr().out.startswith("Name a color.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from groundup import serving, tracking
 from groundup.config import ConfigError, PipelineConfig, load_config, local_sources
 from groundup.flows.pipeline import check
 from groundup.report import next_commands, summary
-from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
+from tests.pipeline_fixtures import judge_reply, settled_states, sources_dir, tiny_config, tiny_gpt2_dir
 
 # Stages whose results are cached on content, and those that run every time by design: the download
 # (what a URL serves may change; everything after it is keyed on the bytes), the corpus record (cheap
@@ -93,21 +94,27 @@ def test_inconsistent_settings_are_refused_before_any_stage(overrides, message):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    """Task run name -> state name, as the Prefect API recorded them (last run of each name)."""
+def task_states(flow_run_id, expected: Iterable[str] = ()) -> dict[str, str]:
+    """Task run name -> state name, as the Prefect API recorded them (last run of each name), once settled."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time)}
+    def read() -> dict[str, str]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.name: run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time) if run.state}
+
+    return settled_states(read, expected)
 
 
-def run_pipeline(config):
+def run_pipeline(config, expected: Iterable[str] = ()):
+    """The flow's final state and its task runs' states (every stage it reports, and ``expected``)."""
     from groundup.flows.pipeline import pipeline
 
     state = pipeline(config=config, return_state=True)
-    return state, task_states(state.state_details.flow_run_id)
+    if state.is_completed():
+        expected = {*expected, *state.result().stages}
+    return state, task_states(state.state_details.flow_run_id, expected)
 
 
 @pytest.fixture
@@ -136,7 +143,7 @@ def run_next_commands(result, out) -> None:
         done = subprocess.run(line, shell=True, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
         if " lineage " in line:
-            assert result["finetune"]["model_ref"] in done.stdout
+            assert result.finetune.model_ref in done.stdout
     assert serving.running_servers(out) == {}  # the last one printed stopped what the one before started
 
 
@@ -151,40 +158,40 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     assert state.is_completed(), state.message
     result = state.result()
     assert set(states) == CACHED | ALWAYS and set(states.values()) == {"Completed"}
-    assert result["stages"] == states
+    assert result.stages == states
     report = summary(result, config, out, str(sources))
     assert re.search(r"\n  pretrain +Completed\n", report) and "promotion    " in report
     assert re.search(r"\n  evaluate_mc_base_model +skipped: mc_eval.enabled is false", report)
-    assert f"finetuned {result['judge']['metrics']['judge.finetuned_model.mean']:.1f}" in report
+    assert f"finetuned {result.judge.metrics['judge.finetuned_model.mean']:.1f}" in report
 
     # One parent run; every stage's run nests under it.
     client = tracking.client()
-    parent = client.get_run(result["run_id"])
+    parent = client.get_run(result.run_id)
     assert parent.data.tags["mlflow.runName"] == "groundup-pipeline"
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert {c.data.tags["groundup.stage"] for c in children} >= {
         "data", "pretrain", "gpt2_weights", "split_instructions", "finetune_groundup", "generate_responses",
         "judge_responses", "promote",
     }  # fmt: skip
-    assert parent.data.metrics["judge.finetuned_model.mean"] == result["judge"]["metrics"]["judge.finetuned_model.mean"]
+    assert parent.data.metrics["judge.finetuned_model.mean"] == result.judge.metrics["judge.finetuned_model.mean"]
 
     # Promotion and lineage: finetuned adapter -> GPT-2 weights, with datasets and the evaluation.
-    finetuned = result["finetune"]["model_ref"]
+    finetuned = result.finetune.model_ref
     name = finetuned.split("/")[0]
-    assert result["promotion"]["aliases"] == ["candidate", "champion"]
+    assert result.promotion.aliases == ["candidate", "champion"]
     assert tracking.version_ref(tracking.resolve_version(f"{name}@champion")) == finetuned
     node = tracking.lineage(f"{name}@champion")
     assert node["model"] == finetuned and set(node["aliases"]) == {"candidate", "champion"}
-    assert node["datasets"]["instruct-train"] == result["split"]["train_sha256"]
-    assert [e["run_id"] for e in node["evaluations"]] == [result["judge"]["run_id"]]
-    assert node["parent"]["model"] == result["weights"]["model_version"]
+    assert node["datasets"]["instruct-train"] == result.split.train_sha256
+    assert [e["run_id"] for e in node["evaluations"]] == [result.judge.run_id]
+    assert node["parent"]["model"] == result.weights.model_version
     assert node["parent"]["stage"] == "gpt2_weights"
-    assert tracking.lineage(result["pretrain"]["model_version"])["datasets"]["pretrain-tokens"] == result["data"]["parquet_sha256"]
-    check_mlflow_graph(MlflowClient(tracking.client().tracking_uri), result["run_id"], result["weights"]["model_version"])
+    assert tracking.lineage(result.pretrain.model_version)["datasets"]["pretrain-tokens"] == result.data.tokens.parquet_sha256
+    check_mlflow_graph(MlflowClient(tracking.client().tracking_uri), result.run_id, result.weights.model_version)
 
     # The judge is unreachable: the flow fails with the judge's error; nothing before it ran again.
     dead = tiny_config(sources, out, "http://127.0.0.1:9/v1", ["judge.max_new_tokens=5"])
-    state, states = run_pipeline(dead)
+    state, states = run_pipeline(dead, expected={"judge_responses"})
     assert state.is_failed()
     assert "127.0.0.1:9" in str(state.message) or "127.0.0.1:9" in repr(state.result(raise_on_failure=False))
     assert states["judge_responses"] == "Failed"
@@ -194,7 +201,7 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     state, states = run_pipeline(tiny_config(sources, out, judge.base_url, ["judge.max_new_tokens=5"]))
     assert state.is_completed(), state.message
     assert {n for n, s in states.items() if s != "Cached"} == ALWAYS | {"judge_responses"}
-    assert state.result()["promotion"]["reason"] == "already the champion"
+    assert state.result().promotion.reason == "already the champion"
 
     # One byte of the text changed: tokenizing and pretraining run again, nothing else.
     text = sources / "the-verdict.txt"
@@ -202,7 +209,7 @@ def test_pipeline_runs_every_stage_then_reruns_only_what_changed(
     state, states = run_pipeline(tiny_config(sources, out, judge.base_url, ["judge.max_new_tokens=5"]))
     assert state.is_completed(), state.message
     assert {n for n, s in states.items() if s != "Cached"} == ALWAYS | {"tokenize_to_parquet", "pretrain"}
-    assert state.result()["pretrain"]["model_version"] != result["pretrain"]["model_version"]
+    assert state.result().pretrain.model_version != result.pretrain.model_version
 
     # Last, as they start servers of their own: the next steps the first run's summary printed.
     run_next_commands(result, out)
@@ -226,6 +233,7 @@ def check_mlflow_graph(client, pipeline_run_id: str, base_ref: str) -> None:
     assert finetuned in {m.model_id for m in finetune_run.outputs.model_outputs}
     assert client.get_logged_model(finetuned).source_run_id == finetune_run.info.run_id
     assert finetuned in {m.model_id for m in stages["judge_responses"].inputs.model_inputs}
+    assert {base, finetuned} == {m.model_id for m in stages["generate_responses"].inputs.model_inputs}
     pretrained = model_id(parent.data.tags["groundup.model.pretrain"])
     assert pretrained in {m.model_id for m in stages["pretrain"].outputs.model_outputs}
     assert {"the-verdict.txt", "pretrain-tokens", "instruct-train", "instruct-test"} <= {
@@ -276,7 +284,7 @@ def test_the_offline_summary_lists_every_stage_with_why_the_skipped_ones_did_not
     config = load_config(PipelineConfig, "quickstart", local_sources(tmp_path))
     ran = ["download_text", "tokenize_to_parquet", "record_corpus", "pretrain", "split_instructions", "finetune",
            "generate_responses", "promote"]  # fmt: skip
-    lines = stage_lines({"stages": dict.fromkeys(ran, "Completed")}, config, str(tmp_path))
+    lines = stage_lines(dict.fromkeys(ran, "Completed"), config, str(tmp_path))
     assert [line.split()[0] for line in lines] == [*ran[:4], "fetch_gpt2_weights", *ran[4:7],
         "evaluate_mc_base_model", "evaluate_mc_finetuned_model", "judge_responses", "promote"]  # fmt: skip
     skipped = {line.split()[0]: line.split(None, 1)[1] for line in lines if "skipped" in line}

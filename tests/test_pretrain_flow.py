@@ -152,13 +152,14 @@ def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, v
 
     from groundup import tracking
     from groundup.flows.pretrain import pretrain
+    from groundup.tasks.pretrain import PretrainedModel
     from groundup.tasks.pretrain import pretrain as pretrain_task
 
     config = flow_config(verdict_path, gpt2_vocab_dir)
     state = pretrain(config=config, output_dir=str(mlflow_tracking), experiment="pretrain-test", return_state=True)
     assert state.is_completed()
     result = state.result()
-    assert result["model_version"] == "groundup-gpt/1" and result["steps"] == 8
+    assert result.pretrain.model_version == "groundup-gpt/1" and result.pretrain.steps == 8
     evals_steps = [1, 4, 7, 8]
 
     client = tracking.client()
@@ -166,20 +167,20 @@ def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, v
     [run] = client.search_runs([experiment.experiment_id], "tags.`groundup.stage` = 'pretrain'")
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == evals_steps
-    assert run.data.metrics["final_val_loss"] == pytest.approx(result["final_val_loss"])
+    assert run.data.metrics["final_val_loss"] == pytest.approx(result.pretrain.final_val_loss)
     assert run.data.params["train.lr"] == "0.003" and run.data.params["model.preset"] == "gpt-tiny"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loss.png", "samples.json", "config.json"} <= artifacts
     # The token file is the run's own dataset; the model's text (recorded by the data stage) is linked too.
     datasets = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
-    assert datasets["pretrain-tokens"].digest == result["parquet_sha256"][:16]
+    assert datasets["pretrain-tokens"].digest == result.data.tokens.parquet_sha256[:16]
 
     version = client.get_model_version("groundup-gpt", "1")
     # Lineage lives in MLflow's graph: the version's run holds the token file and the text it came from.
     assert version.run_id == run.info.run_id and len(datasets) == 2
     assert json.loads(version.tags["groundup.gpt_config"])["context_length"] == 32
     registered = load_checkpoint(tracking.model_directory("groundup-gpt/1"))
-    trained = load_checkpoint(result["checkpoint"])
+    trained = load_checkpoint(result.pretrain.checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), trained.state_dict().values(), strict=True))
 
     with get_client(sync_client=True) as prefect:
@@ -191,19 +192,22 @@ def test_flow_tracks_registers_and_is_cached(prefect_harness, mlflow_tracking, v
     assert "groundup-gpt/1" in summary.data and "data:image/png;base64," in summary.data
 
     again = pretrain(config=config, output_dir=str(mlflow_tracking), experiment="pretrain-test")
-    assert again["model_version"] == "groundup-gpt/1" and again["checkpoint"] == result["checkpoint"]
+    assert again.pretrain.model_version == "groundup-gpt/1" and again.pretrain.checkpoint == result.pretrain.checkpoint
 
     @flow
-    def without_prefects_cache() -> dict:
+    def without_prefects_cache() -> PretrainedModel:
         return pretrain_task.with_options(refresh_cache=True)(
-            result["parquet"], config, output_dir=str(mlflow_tracking), experiment="pretrain-test"
+            result.data.tokens.parquet, config, output_dir=str(mlflow_tracking), experiment="pretrain-test"
         )
 
     rerun = without_prefects_cache()  # the task body runs again: it finds the finished run, trains nothing
-    assert rerun["model_version"] == "groundup-gpt/1" and rerun["steps"] == 8
-    latest = client.get_run(rerun["run_id"])
+    assert rerun.model_version == "groundup-gpt/1" and rerun.steps == 8
+    latest = client.get_run(rerun.run_id)
     assert latest.data.params["already_finished"] == "True"
     assert len(client.search_model_versions("name='groundup-gpt'")) == 1
+    # The reusing run names the model it reused as its output, as the training run does.
+    registered = tracking.model_id_of(tracking.resolve_version("groundup-gpt/1"))
+    assert [o.model_id for o in latest.outputs.model_outputs] == [registered]
 
 
 @pytest.mark.slow
@@ -220,7 +224,7 @@ def test_cli_pretrains_and_generates_from_the_registered_model(
     assert main([*args, *(arg for s in sets for arg in ("--set", s))]) == 0
     printed = capsys.readouterr().out
     result = json.loads(printed[printed.index("{\n"):])
-    assert result["model_version"] == "groundup-gpt/1" and result["steps"] == 4
+    assert result["pretrain"]["model_version"] == "groundup-gpt/1" and result["pretrain"]["steps"] == 4
 
     assert main(["generate", "groundup-gpt", "Every effort moves you", "--max-new-tokens", "5", "--output-dir", out]) == 0
     text = capsys.readouterr().out

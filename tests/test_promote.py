@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from groundup import tracking
-from groundup.tasks.promote import BASIS_TAG, CANDIDATE, CHAMPION, PROMOTION_TAG, SCORE_TAG, promote
+from groundup.tasks.promote import (
+    BASIS_TAG,
+    CANDIDATE,
+    CHAMPION,
+    PROMOTION_TAG,
+    SCORE_TAG,
+    Promotion,
+    promote,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def _register(tmp_path, out, name: str, tag: str) -> str:
         return tracking.version_ref(run.register_directory(directory, name))
 
 
-def _promote(ref: str, score: float | None, out, basis: str = "judge-a") -> dict:
+def _promote(ref: str, score: float | None, out, basis: str = "judge-a") -> Promotion:
     return promote.fn(ref, score, basis, output_dir=str(out))
 
 
@@ -46,7 +54,7 @@ def _tags(ref: str) -> dict[str, str]:
 def test_first_version_becomes_candidate_and_champion(registry, prefect_harness, tmp_path, model):
     v1 = _register(tmp_path, registry, model, "v1")
     result = _promote(v1, 41.5, registry)
-    assert result["promoted"] and result["aliases"] == [CANDIDATE, CHAMPION]
+    assert result.promoted and result.aliases == [CANDIDATE, CHAMPION]
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CHAMPION}")) == v1
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CANDIDATE}")) == v1
     tags = _tags(v1)
@@ -64,7 +72,7 @@ def test_a_better_version_takes_over_and_the_comparison_is_recorded(registry, pr
     v1, v2 = _register(tmp_path, registry, model, "v1"), _register(tmp_path, registry, model, "v2")
     _promote(v1, 40.0, registry)
     result = _promote(v2, 55.0, registry)
-    assert result["promoted"] and result["champion_before"] == v1 and result["champion_score"] == 40.0
+    assert result.promoted and result.champion_before == v1 and result.champion_score == 40.0
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CHAMPION}")) == v2
     tags = _tags(v2)
     assert tags[PROMOTION_TAG + ".champion_before"] == v1
@@ -85,8 +93,8 @@ def test_the_champion_stays_unless_beaten_on_the_same_basis(registry, prefect_ha
     v1, v2 = _register(tmp_path, registry, model, "v1"), _register(tmp_path, registry, model, "v2")
     _promote(v1, 40.0, registry)
     result = _promote(v2, score, registry, basis=basis)
-    assert not result["promoted"] and result["aliases"] == [CANDIDATE]
-    assert reason in result["reason"]
+    assert not result.promoted and result.aliases == [CANDIDATE]
+    assert reason in result.reason
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CHAMPION}")) == v1
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CANDIDATE}")) == v2
     assert _tags(v2)[PROMOTION_TAG] == "candidate"
@@ -96,7 +104,7 @@ def test_rejudging_the_champion_keeps_it(registry, prefect_harness, tmp_path, mo
     v1 = _register(tmp_path, registry, model, "v1")
     _promote(v1, 40.0, registry)
     result = _promote(v1, 38.0, registry)
-    assert result["promoted"] and result["reason"] == "already the champion" and result["champion_score"] == 40.0
+    assert result.promoted and result.reason == "already the champion" and result.champion_score == 40.0
     assert float(_tags(v1)[SCORE_TAG]) == 38.0
 
 
@@ -104,7 +112,7 @@ def test_an_unjudged_version_is_only_a_candidate(registry, prefect_harness, tmp_
     v1, v2 = _register(tmp_path, registry, model, "v1"), _register(tmp_path, registry, model, "v2")
     _promote(v1, 40.0, registry)
     result = _promote(v2, None, registry)
-    assert not result["promoted"] and result["reason"] == "not judged"
+    assert not result.promoted and result.reason == "not judged"
     assert SCORE_TAG not in _tags(v2)
     assert tracking.version_ref(tracking.resolve_version(f"{model}@{CHAMPION}")) == v1
 
@@ -113,7 +121,7 @@ def test_an_untrusted_judge_promotes_nothing_and_says_why(registry, prefect_harn
     v1 = _register(tmp_path, registry, model, "v1")
     refusal = "the judge cannot tell right from wrong (control AUC 0.46 < 0.80); its scores promote nothing"
     result = promote.fn(v1, 90.0, "judge-a", refusal, output_dir=str(registry))
-    assert not result["promoted"] and result["aliases"] == [CANDIDATE] and result["reason"] == refusal
+    assert not result.promoted and result.aliases == [CANDIDATE] and result.reason == refusal
     assert _tags(v1)[PROMOTION_TAG + ".reason"] == refusal
     with pytest.raises(Exception, match="champion"):
         tracking.resolve_version(f"{model}@{CHAMPION}")
@@ -123,7 +131,7 @@ def test_a_champion_without_a_recorded_score_is_not_displaced(registry, prefect_
     v1, v2 = _register(tmp_path, registry, model, "v1"), _register(tmp_path, registry, model, "v2")
     tracking.set_alias(model, CHAMPION, v1.split("/")[1])  # chosen by hand
     result = _promote(v2, 99.0, registry)
-    assert not result["promoted"] and "no recorded score" in result["reason"]
+    assert not result.promoted and "no recorded score" in result.reason
 
 
 def test_an_unknown_model_is_an_error(registry, prefect_harness):

@@ -212,6 +212,13 @@ def test_interrupted_run_resumes_where_it_stopped(test_data, tiny_gpt, tiny_adap
         )
 
 
+@pytest.mark.slow  # compiles a graph with inductor (a C++ compiler), ~1 min on a loaded 2-core CPU
+def test_compiled_decoding_gives_the_same_responses(test_data, tiny_gpt, tiny_adapter, tmp_path):
+    eager = responses.generate_responses(test_data, tiny_gpt, tiny_adapter, tmp_path / "eager", settings())
+    compiled = responses.generate_responses(test_data, tiny_gpt, tiny_adapter, tmp_path / "compiled", settings(compile=True))
+    assert read_jsonl(compiled.path) == read_jsonl(eager.path)
+
+
 def test_sampling_is_seeded(test_data, tiny_gpt, tmp_path):
     sampled = settings(temperature=1.0, top_k=50, seed=7, limit=3)
     first = responses.generate_responses(test_data, tiny_gpt, tiny_gpt, tmp_path / "a", sampled)

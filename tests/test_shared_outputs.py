@@ -21,8 +21,8 @@ def test_two_pipelines_at_once_on_one_output_dir_both_finish(sources, judge, mlf
         assert state.is_completed(), state.message
         assert set(states.values()) <= {"Completed", "Cached"}
     first, second = (state.result() for state, _ in runs)
-    assert first["pretrain"]["checkpoint"] == second["pretrain"]["checkpoint"]
-    assert first["finetune"]["model_dir"] == second["finetune"]["model_dir"]
+    assert first.pretrain.checkpoint == second.pretrain.checkpoint
+    assert first.finetune.model_dir == second.finetune.model_dir
     # One final model per training directory, no leftovers of the other run's attempt.
     pretrain_dir = out / "checkpoints"
     assert not [p for p in pretrain_dir.rglob(".final.*")]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from groundup.errors import InputDataError, SourceUnreachable
-from groundup.files import atomic_directory, sha256_tree
+from groundup.files import atomic_directory, sha256_file, sha256_tree
 from groundup.store import ArtifactStore
 from groundup.train.state import RunDirectory
 from tests.conftest import ROOT
@@ -186,3 +186,24 @@ def test_placing_an_unknown_stage_is_refused_before_any_stage():
     with pytest.raises(ConfigError, match=r"unknown stages \['finetuning'\]; stages: download_text"):
         check(PipelineConfig(placement={"finetuning": "groundup-gpu"}))
     check(PipelineConfig(placement={"finetune": "groundup-gpu", "generate_responses": "groundup-gpu"}))
+
+
+def test_a_stage_result_passed_to_a_placed_stage_is_rebuilt_from_its_json(tmp_path):
+    """A placed stage's parameters reach the worker as JSON (pydantic encodes a dataclass as a dict): a task
+    parameter typed as a stage result is rebuilt as one there, its paths fetched from the store."""
+    from pydantic_core import to_jsonable_python
+
+    from groundup.flows.placement import bind, to_paths, to_urls
+    from groundup.tasks.data import DownloadedText, record_corpus
+
+    text = tmp_path / "the-text.txt"
+    text.write_text("Every effort moves you.", encoding="utf-8")
+    pipeline_side = ArtifactStore(tmp_path / "store", tmp_path / "pipeline-cache")
+    worker_side = ArtifactStore(tmp_path / "store", tmp_path / "worker-cache")
+    downloaded = DownloadedText(path=str(text), sha256=sha256_file(text), size=23, source="https://example.org/t")
+
+    sent = to_jsonable_python(to_urls({"text": downloaded, "output_dir": "x"}, pipeline_side))
+    received = bind(record_corpus, to_paths(sent, worker_side))
+    assert isinstance(received["text"], DownloadedText) and received["output_dir"] == "x"
+    assert Path(received["text"].path).is_relative_to(tmp_path / "worker-cache")
+    assert sha256_file(received["text"].path) == downloaded.sha256 and received["text"].size == 23

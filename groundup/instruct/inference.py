@@ -370,14 +370,20 @@ def model_kind(model: str | Path) -> str:
 
 
 def load_causal_lm(
-    model: str | Path, *, accelerator: str = "auto", quantize: str | None = None, prompt_style: Any = None
+    model: str | Path,
+    *,
+    accelerator: str = "auto",
+    quantize: str | None = None,
+    prompt_style: Any = None,
+    compile: bool = False,
 ) -> CausalLM:
-    """``prompt_style``: a LitGPT model's stop tokens come from it (our GPT stops at end-of-text)."""
+    """``prompt_style``: a LitGPT model's stop tokens come from it (our GPT stops at end-of-text).
+    ``compile``: our GPT's decoding step through ``torch.compile`` (LitGPT models decode as LitGPT does)."""
     if model_kind(model) == "litgpt":
         return LitGPTModel(model, accelerator=accelerator, quantize=quantize, prompt_style=prompt_style)
     if quantize is not None:
         raise ModelLoadError(f"quantize={quantize!r} is only available for LitGPT models, not {model}")
-    return GroundupModel(model, accelerator=accelerator)
+    return GroundupModel(model, accelerator=accelerator, compile=compile)
 
 
 def model_identity(model: str | Path) -> dict[str, str | None]:

@@ -15,6 +15,9 @@ from typing import Any
 
 from groundup.config import GenerationConfig, JudgeConfig, config_digest
 
+# The judge's mean score of the finetuned model: what promotion compares.
+SCORE_METRIC = "judge.finetuned_model.mean"
+
 # The judge settings that change what a score means (not where or how fast it is computed).
 JUDGE_BASIS_KEYS = {
     "model",

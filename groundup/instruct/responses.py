@@ -190,7 +190,9 @@ def _answer(
         todo = [index for index in range(len(prompts)) if index not in log.done]
         progress.advance(len(prompts) - len(todo))
         if todo:
-            model = load_causal_lm(model_ref, accelerator=settings.accelerator, prompt_style=style)
+            model = load_causal_lm(
+                model_ref, accelerator=settings.accelerator, prompt_style=style, compile=settings.compile
+            )
             name = Path(str(model_ref)).name or str(model_ref)
             with tqdm(
                 total=len(prompts),

@@ -16,6 +16,7 @@ from groundup.tracking.lineage import describe_version, format_lineage, lineage,
 from groundup.tracking.registry import (
     ModelVersion,
     alias_target,
+    log_versions_used,
     model_directory,
     model_id_of,
     record_evaluation,
@@ -42,6 +43,6 @@ from groundup.tracking.runs import (
 __all__ = [
     "DEFAULT_EXPERIMENT", "TAG", "ModelVersion", "TrackedRun", "alias_target", "client", "configure",
     "default_tracking_uri", "describe_version", "experiment_id", "flatten", "flow_run_tags", "format_lineage",
-    "git_commit", "lineage", "model_directory", "model_id_of", "open_run", "record_evaluation",
+    "git_commit", "lineage", "log_versions_used", "model_directory", "model_id_of", "open_run", "record_evaluation",
     "refresh_description", "resolve_version", "set_alias", "set_version_tags", "start_run", "version_ref",
 ]  # fmt: skip

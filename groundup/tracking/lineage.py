@@ -14,6 +14,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from groundup.errors import ModelError
 from groundup.tracking.registry import (
     DATASET_TAG,
     PARENT_TAG,
@@ -96,7 +97,7 @@ def _parent(run: Any, version_tags: dict[str, str], depth: int) -> dict[str, Any
         return None
     try:
         return lineage(parent, depth + 1)
-    except (MlflowException, LookupError):
+    except (MlflowException, ModelError):
         return {"model": parent, "external": True}
 
 

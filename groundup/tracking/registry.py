@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.entities.logged_model_status import LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from groundup.errors import ModelError
 from groundup.tracking.runs import SHA256_INPUT_TAG, TAG, TrackedRun, client, flatten
 
 # On a dataset input taken over from another run (the raw text behind the tokens): that run's id.
@@ -29,10 +30,12 @@ PARENT_TAG = TAG + "parent"
 DATASET_TAG = TAG + "dataset."
 # Set by MLflow on a LoggedModel when it is registered: [{"name": ..., "version": ...}].
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"
+# How a user finds the versions that do exist.
+LIST_VERSIONS = "name one as name, name/version or name@alias; `groundup ui` lists the registered models"
 
 
 def resolve_version(ref: str) -> ModelVersion:
-    """``name`` (latest), ``name/3`` or ``name@alias`` -> the model version; LookupError if there is none."""
+    """``name`` (latest), ``name/3`` or ``name@alias`` -> the model version; ModelError if there is none."""
     c = client()
     try:
         if "@" in ref:
@@ -43,9 +46,10 @@ def resolve_version(ref: str) -> ModelVersion:
             return c.get_model_version(name, version)
         versions = c.search_model_versions(f"name='{ref}'")
     except MlflowException as exc:
-        raise LookupError(f"no registered model version {ref!r} ({exc.message})") from None
+        detail = " ".join(str(exc.message).split())  # MLflow's message may span lines: the error is one line
+        raise ModelError(f"no registered model version {ref!r} ({detail})", fix=LIST_VERSIONS) from None
     if not versions:
-        raise LookupError(f"no registered model named {ref!r}")
+        raise ModelError(f"no registered model named {ref!r}", fix=LIST_VERSIONS)
     return max(versions, key=lambda v: int(v.version))
 
 
@@ -55,7 +59,7 @@ def registered_version(ref: str | None) -> ModelVersion | None:
         return None
     try:
         return resolve_version(ref)
-    except LookupError:
+    except ModelError:
         return None
 
 
@@ -186,13 +190,18 @@ def register_directory(
         c.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         raise
     c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    c.log_outputs(run.run_id, [LoggedModelOutput(model.model_id, 0)])
+    run.log_model_outputs([model.model_id])
     version = mlflow.register_model(f"models:/{model.model_id}", name, tags=model_tags)
     run.set_tags({f"{TAG}registered.{name}": version.version})
     refresh_description(version_ref(version))
     if parent_version is not None:
         refresh_description(version_ref(parent_version))  # it lists the models derived from it
     return version
+
+
+def log_versions_used(run: TrackedRun, refs: list[str | None]) -> None:
+    """Make the registered versions ``refs`` (``name/3``; ``None`` skipped) model inputs of ``run``."""
+    run.log_model_inputs([model_id_of(resolve_version(ref)) for ref in refs if ref])
 
 
 def record_evaluation(ref: str, run: TrackedRun, metrics: Mapping[str, float]) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+
+from groundup.files import exclusive_lock
 
 TAG = "groundup."
 DEFAULT_EXPERIMENT = "groundup"
@@ -47,10 +49,14 @@ def configure(output_dir: str | Path = "artifacts", tracking_uri: str | None = N
     Also exports the URI, because Lightning reads ``MLFLOW_TRACKING_URI`` when it is imported.
     """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        # MLflow creates a new database's tables on first use, in steps: two processes doing it at once
+        # (two first commands) fail with "duplicate column". One creates them while the other waits.
+        with exclusive_lock(database.with_name(database.name + ".lock")):
+            client().search_experiments(max_results=1)
     return uri
 
 
@@ -186,8 +192,14 @@ class TrackedRun:
 
     def log_model_inputs(self, model_ids: list[str]) -> None:
         """Record LoggedModels this run consumed (a base model, a model under evaluation)."""
-        if model_ids:
-            self._client.log_inputs(self.run_id, models=[LoggedModelInput(m) for m in dict.fromkeys(model_ids)])
+        if model_ids := [m for m in dict.fromkeys(model_ids) if m]:
+            self._client.log_inputs(self.run_id, models=[LoggedModelInput(m) for m in model_ids])
+
+    def log_model_outputs(self, model_ids: list[str]) -> None:
+        """Record LoggedModels this run produced, or found already produced and reused (a cached checkpoint
+        an earlier run registered), so the run's outputs name the model either way."""
+        if model_ids := [m for m in dict.fromkeys(model_ids) if m]:
+            self._client.log_outputs(self.run_id, [LoggedModelOutput(m, 0) for m in model_ids])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
