@@ -19,9 +19,9 @@ how sure it is, and ranks answers the greedy number cannot tell apart.
 
 Either way :class:`NumberProbabilities` reports the expected score, the most probable number, the number
 the judge writes (for LitGPT: constrained decoding's, from the same passes, so both scorings of one run
-can be compared) and the
-probability mass the judge put on replying with a whole number 0-100 at all (a sanity figure: low mass
-means the judge mostly wanted to write something else, and the score stands for little of what it says).
+can be compared) and the probability mass the judge put on replying with a whole number 0-100 at all (a
+sanity figure: low mass means the judge mostly wanted to write something else, and the score stands for
+little of what it says; from a server, the mass among its top alternatives, a lower bound).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SCORES = range(0, 101)
+SCORES = range(0, 101)  # the scale a judge scores on
 
 
 @dataclass(frozen=True)
