@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from groundup.instruct import judge
+from groundup.instruct import judge, judge_probabilities
 from groundup.instruct.constrained import choose_number, number_spellings
 from groundup.instruct.inference import LitGPTModel
 from groundup.instruct.judge_probabilities import litgpt_number_probabilities
@@ -72,8 +72,12 @@ def full_forward_probabilities(model: LitGPTModel, prompt: str, stop_ids: list[i
     return probabilities
 
 
-@pytest.mark.parametrize("prompt", ["Score the answer from 0 to 100: ", "I had always thought Jack Gisburn"])
-def test_probability_scoring_gives_what_full_forward_passes_give(tiny, prompt):
+@pytest.mark.parametrize(
+    ("prompt", "rows_per_pass"),
+    [("Score the answer from 0 to 100: ", 32), ("I had always thought Jack Gisburn", 5)],
+)
+def test_probability_scoring_gives_what_full_forward_passes_give(tiny, prompt, rows_per_pass, monkeypatch):
+    monkeypatch.setattr(judge_probabilities, "ROWS_PER_PASS", rows_per_pass)  # one pass, or several
     stop_ids = sorted({tiny.eos_id, 0})
     expected = full_forward_probabilities(tiny, prompt, stop_ids)
     mass = sum(expected.values())
