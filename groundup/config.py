@@ -281,8 +281,14 @@ class JudgeConfig(Settings):
     chat_template: str | None = Field(
         None, description="litgpt: a LitGPT prompt style (e.g. 'llama3'); empty means the model's own."
     )
-    constrained: bool = Field(
-        True, description="litgpt: decoding restricted to the numbers 0-100, so every reply is a score."
+    scoring: Literal["probability", "constrained", "free"] = Field(
+        "probability",
+        description="litgpt: 'probability' scores by the expected number from the probabilities the judge gives "
+        "0-100, 'constrained' decodes only numbers (both: every reply a score), 'free' parses free text. "
+        "openai-compatible: 'probability' asks for top_logprobs, else the reply is parsed.",
+    )
+    top_logprobs: int = Field(
+        20, ge=1, le=20, description="openai-compatible, scoring 'probability': alternatives per token."
     )
     force_format: Literal["json_schema", "guided_regex", "none"] = Field(
         "json_schema",

@@ -227,8 +227,8 @@ def judge_responses(
 def _comparison_rows(table: Any) -> list[dict[str, Any]]:
     import pandas as pd
 
-    def score(value: Any) -> int | None:
-        return None if pd.isna(value) else int(value)
+    def score(value: Any) -> float | None:
+        return None if pd.isna(value) else round(float(value), 1)  # from probabilities: a decimal
 
     return [
         {

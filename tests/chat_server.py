@@ -6,6 +6,11 @@ OpenAI's response format; ``GET /v1/models`` lists the served model. ``api_key``
 error status; ``refuse`` names request fields the server rejects with 400, as a server that does not know
 them would (``response_format`` on an old one). Every chat request is recorded in ``requests`` as (body,
 Authorization header).
+
+``reply`` may also return a :class:`Scripted` reply, text plus the logprobs of its tokens (``token``,
+``logprob``, ``top_logprobs``: OpenAI's ``choices[0].logprobs.content``); as OpenAI's and vLLM's servers do,
+they are sent only to a request with ``logprobs: true``, and each token's ``top_logprobs`` cut to the
+request's ``top_logprobs`` (none without it).
 """
 
 from __future__ import annotations
@@ -14,16 +19,31 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Messages = list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Scripted:
+    content: str
+    logprobs: list[dict[str, Any]]  # one entry per generated token, most probable alternatives first
+
+
+def choice_logprobs(reply: str | Scripted, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``logprobs`` of a chat completion's choice, as asked for by the request ``body``."""
+    if not body.get("logprobs") or not isinstance(reply, Scripted):
+        return None
+    keep = int(body.get("top_logprobs") or 0)
+    return {"content": [{**token, "top_logprobs": token["top_logprobs"][:keep]} for token in reply.logprobs]}
+
+
 class ChatServer:
     def __init__(
         self,
-        reply: Callable[[Messages], str],
+        reply: Callable[[Messages], str | Scripted],
         model: str = "judge",
         api_key: str | None = None,
         refuse: tuple[str, ...] = (),
@@ -115,7 +135,8 @@ class ChatServer:
                         400, {"error": {"message": "need the served model and a non-empty messages list"}}
                     )
                     return
-                content = server.reply(messages)
+                reply = server.reply(messages)
+                content = reply.content if isinstance(reply, Scripted) else reply
                 self._send(
                     200,
                     {
@@ -127,6 +148,7 @@ class ChatServer:
                             {
                                 "index": 0,
                                 "message": {"role": "assistant", "content": content},
+                                "logprobs": choice_logprobs(reply, body),
                                 "finish_reason": "stop",
                             }
                         ],

@@ -4,6 +4,7 @@ through litgpt, and an OpenAI-compatible server on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from groundup.errors import DeviceError
 from groundup.instruct import judge
 from groundup.instruct.resumable import LogMismatchError, read_jsonl
-from tests.chat_server import ChatServer
+from tests.chat_server import ChatServer, Scripted
 
 ENTRIES = [
     {
@@ -155,14 +156,16 @@ def test_judge_prompt_is_the_workshops():
 
 def test_litgpt_judge_on_a_tiny_model_counts_unparsed_replies(tiny_litgpt_dir, responses_file, tmp_path):
     tiny = judge.LitGPTJudge(
-        str(tiny_litgpt_dir), max_new_tokens=6, chat_template="llama3", accelerator="cpu", constrained=False
+        str(tiny_litgpt_dir), max_new_tokens=6, chat_template="llama3", accelerator="cpu", scoring="free"
     )
     chat = tiny.chat_prompt("PROMPT")
     assert chat.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
     assert "<|start_header_id|>user<|end_header_id|>\n\nPROMPT<|eot_id|>" in chat
     assert chat.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
-    result = judge.judge_responses(responses_file, tmp_path / "judge", tiny, controls=0, bootstrap_samples=200)
+    result = judge.judge_responses(
+        responses_file, tmp_path / "judge", tiny, controls=0, bootstrap_samples=200
+    )
     table = pd.read_parquet(result.scores)
     assert len(table) == len(ENTRIES)
     for key in judge.MODEL_KEYS:
@@ -178,7 +181,7 @@ def test_litgpt_judge_on_a_tiny_model_counts_unparsed_replies(tiny_litgpt_dir, r
     assert len(read_jsonl(result.judgments)) == len(ENTRIES) + 1  # header + one record per entry
     assert result.histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # greedy decoding: the same judge gives the same replies
-    again = [tiny.reply(judge.judge_prompt(e, e["base_model"])) for e in ENTRIES[:2]]
+    again = [tiny.reply(judge.judge_prompt(e, e["base_model"])).text for e in ENTRIES[:2]]
     assert again == table["base_model_reply"].tolist()[:2]
 
 
@@ -299,8 +302,8 @@ def test_format_forcing_fields_are_sent_and_a_refusing_server_gets_plain_request
 
     with ChatServer(forced, model="m") as server:
         client = http_judge(server)
-        assert client.reply(judge.judge_prompt(ENTRIES[2], "Simple.")) == '{"score": 95}'
-        assert judge.parse_score(client.reply(judge.judge_prompt(ENTRIES[1], "It is 3."))).score == 10
+        assert client.reply(judge.judge_prompt(ENTRIES[2], "Simple.")).text == '{"score": 95}'
+        assert judge.parse_score(client.reply(judge.judge_prompt(ENTRIES[1], "It is 3.")).text).score == 10
         body = server.requests[-1][0]
         assert body["response_format"]["type"] == "json_schema"
         schema = body["response_format"]["json_schema"]["schema"]
@@ -326,6 +329,79 @@ def test_format_forcing_fields_are_sent_and_a_refusing_server_gets_plain_request
     table = pd.read_parquet(result.scores)
     assert table.loc[0, "base_model_score"] == 80 and table.loc[0, "finetuned_model_score"] == 65
     assert result.summary["base_model"]["unparsed"] == 1  # "eighty" stays unparsed and counted
+
+
+def scripted(pieces: list[str], alternatives: dict[str, float]) -> Scripted:
+    """A reply written as ``pieces``, one token each; the pieces named in ``alternatives`` had those (token:
+    probability, most probable first), the others were near certain."""
+    logprobs = []
+    for piece in pieces:
+        top = alternatives if piece in alternatives else {piece: 0.99}
+        listed = [{"token": token, "logprob": math.log(p)} for token, p in top.items()]
+        logprobs.append({"token": piece, "logprob": math.log(top[piece]), "top_logprobs": listed})
+    return Scripted("".join(pieces), logprobs)
+
+
+WITH_LOGPROBS = {  # replies by the response being scored; without logprobs where plain text
+    # the score first, its alternatives numbers but one, and a fourth cut by top_logprobs=3
+    "The car is fast.": scripted(["40"], {"40": 0.5, "30": 0.3, " 50": 0.1, "100": 0.05}),
+    # a JSON-schema-forced reply: the alternatives where the score is written
+    "The car is as fast as a cheetah.": scripted(
+        ['{"', "score", '":', " ", "85", "}"], {"85": 0.6, "90": 0.2, "Great": 0.1}
+    ),
+    "It is 3.": scripted(["I", " give", " ", "10"], {"10": 0.9}),  # not a score first: the text is read
+    "Danke schön.": scripted(["8", "5"], {"8": 0.7, "9": 0.2}),  # split over two tokens: the text is read
+}
+
+
+def logprob_reply(messages):
+    response = messages[-1]["content"].split("response `", 1)[1].split("` on a scale", 1)[0]
+    return WITH_LOGPROBS.get(response) or CANNED[response]
+
+
+def test_scores_from_a_servers_logprobs_and_the_text_where_there_are_none(responses_file, tmp_path):
+    with ChatServer(logprob_reply, model="m") as server:
+        client = http_judge(server, top_logprobs=3)  # scoring: probability, the default
+        result = judge.judge_responses(responses_file, tmp_path / "judge", client, controls=0)
+    bodies = [body for body, _ in server.requests]
+    assert all(body["logprobs"] is True and body["top_logprobs"] == 3 for body in bodies)
+    assert all(body["response_format"]["type"] == "json_schema" for body in bodies)
+    assert client.settings["scoring"] == "probability" and client.settings["top_logprobs"] == 3
+    assert read_jsonl(result.judgments)[0]["__header__"]["scoring"] == "probability"  # with the replies
+
+    table = pd.read_parquet(result.scores).set_index("index")
+    # Σ p(n)·n over the numbers among the top 3, renormalized: 40 x .5 + 30 x .3 + 50 x .1 over .9
+    assert table.loc[0, "base_model_score"] == pytest.approx((20 + 9 + 5) / 0.9)
+    assert table.loc[0, "base_model_argmax"] == 40 and table.loc[
+        0, "base_model_number_mass"
+    ] == pytest.approx(0.9)
+    assert table.loc[0, "finetuned_model_score"] == pytest.approx((85 * 0.6 + 90 * 0.2) / 0.8)
+    assert table.loc[0, "finetuned_model_reply"] == '{"score": 85}'
+    # the fallback: the text, read as a person would; no number mass
+    assert table.loc[1, "base_model_score"] == 10 and pd.isna(table.loc[1, "base_model_number_mass"])
+    assert table.loc[3, "finetuned_model_score"] == 85 and pd.isna(table.loc[3, "finetuned_model_argmax"])
+    assert pd.isna(table.loc[2, "base_model_score"]) and table.loc[2, "base_model_problem"] == "no number"
+
+    s = result.summary
+    assert s["base_model"]["unparsed"] == 1  # "eighty" stays counted
+    assert s["base_model"]["by_probability"] == 1 and s["finetuned_model"]["by_probability"] == 1
+    assert s["base_model"]["number_mass"] == pytest.approx(0.9)
+    assert judge.summary_metrics(s)["judge.finetuned_model.number_mass"] == pytest.approx(0.8)
+
+
+def test_a_server_that_refuses_logprobs_gets_requests_without_them():
+    prompt = judge.judge_prompt(ENTRIES[0], "The car is fast.")
+    with ChatServer(logprob_reply, model="m", refuse=("logprobs",)) as server:
+        client = http_judge(server)
+        first, second = client.reply(prompt), client.reply(prompt)
+    bodies = [body for body, _ in server.requests]
+    assert ["logprobs" in body for body in bodies] == [True, False, False]
+    assert all("response_format" in body for body in bodies)  # only the refused field is dropped
+    assert first == second == judge.Reply("40")  # scored from the text
+
+    with ChatServer(logprob_reply, model="m") as server:  # scoring by the text only: no logprobs asked
+        reply = http_judge(server, scoring="constrained").reply(prompt)
+    assert "logprobs" not in server.requests[-1][0] and reply == judge.Reply("40")
 
 
 def test_judging_resumes_after_an_interruption(responses_file, tmp_path):

@@ -17,8 +17,8 @@ def test_scores_are_comparable_only_on_the_same_basis():
     assert score_basis(judge, generation, "judge-y", "abc") != same
     assert score_basis(judge, generation, "judge-x", "abd") != same
     assert score_basis(judge, generation.model_copy(update={"max_new_tokens": 7}), "judge-x", "abc") != same
-    # unconstrained decoding scores differently: another basis
-    assert score_basis(judge.model_copy(update={"constrained": False}), generation, "judge-x", "abc") != same
+    # another scoring mode scores differently: another basis
+    assert score_basis(judge.model_copy(update={"scoring": "free"}), generation, "judge-x", "abc") != same
 
 
 @pytest.mark.parametrize(

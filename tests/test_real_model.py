@@ -64,22 +64,30 @@ def test_responses_follow_each_models_format_and_end_with_the_answer(
         assert not responses.SECTION_HEADER.search(answer), answer
 
 
-def test_the_constrained_judge_always_answers_and_its_controls_are_reported(
-    smollm2_dir, instruction_data_path, tmp_path
+@pytest.mark.parametrize("scoring", ["probability", "constrained"])
+def test_a_local_judge_always_scores_and_its_controls_are_reported(
+    smollm2_dir, instruction_data_path, tmp_path, scoring
 ):
     entries = short_test_entries(instruction_data_path, 6)
     path = tmp_path / "responses.jsonl"
     rows = [{**e, "base_model": "I do not know.", "finetuned_model": e["output"]} for e in entries]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    constrained = judge.LitGPTJudge(str(smollm2_dir), max_new_tokens=8, accelerator="cpu")
-    assert constrained.settings["chat_template"] == "SmolLM2"
+    local = judge.LitGPTJudge(str(smollm2_dir), max_new_tokens=8, accelerator="cpu", scoring=scoring)
+    assert local.settings["chat_template"] == "SmolLM2" and local.settings["scoring"] == scoring
 
-    result = judge.judge_responses(path, tmp_path / "judge", constrained, controls=6, bootstrap_samples=500)
+    result = judge.judge_responses(path, tmp_path / "judge", local, controls=6, bootstrap_samples=500)
+    assert read_jsonl(result.judgments)[0]["__header__"]["scoring"] == scoring
     table = pd.read_parquet(result.scores)
     s = result.summary
     for key in judge.SCORED_KEYS:
-        assert s[key]["count"] == 6 and s[key]["unparsed"] == 0  # every reply is a number 0-100
-        assert table[f"{key}_reply"].str.fullmatch(r"100|[1-9]?[0-9]").all()
+        assert s[key]["count"] == 6 and s[key]["unparsed"] == 0  # every reply gives a score 0-100
+        assert table[f"{key}_reply"].str.fullmatch(r"100|[1-9]?[0-9]").all()  # constrained decoding's number
+        assert table[f"{key}_score"].between(0, 100).all()
+        if scoring == "probability":  # the expected score, with the sanity figures beside it
+            assert s[key]["by_probability"] == 6 and 0.0 < s[key]["number_mass"] <= 1.0
+            assert table[f"{key}_argmax"].between(0, 100).all()
+        else:
+            assert table[f"{key}_number_mass"].isna().all()
     control = s["control"]
     assert 0.0 <= control["ci_low"] <= control["auc"] <= control["ci_high"] <= 1.0
     assert judge.summary_metrics(s)["judge.control.auc"] == control["auc"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCORES = range(0, 101)
+from groundup.instruct.judge_probabilities import SCORES
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,24 @@ def number_spellings(encode, prompt: str, numbers: Sequence[int] = SCORES) -> di
             ids = prompt_ids + encode(str(number))  # merged across the boundary: spell it on its own
         spellings[tuple(ids[len(prompt_ids) :])] = number
     return spellings
+
+
+def step_options(
+    spellings: dict[tuple[int, ...], int],
+    prefix: tuple[int, ...],
+    log_probs: torch.Tensor,
+    stops: torch.Tensor,
+) -> dict[int | None, float]:
+    """The allowed next steps after ``prefix`` with their log-probabilities: each token that continues a
+    number's spelling, and ``None`` (stop: the template's stop tokens together) once ``prefix`` is one."""
+    options: dict[int | None, float] = {
+        spelling[len(prefix)]: float(log_probs[spelling[len(prefix)]])
+        for spelling in spellings
+        if len(spelling) > len(prefix) and spelling[: len(prefix)] == prefix
+    }
+    if prefix in spellings:
+        options[None] = float(torch.logsumexp(log_probs[stops], dim=0))
+    return options
 
 
 def choose_number(
@@ -60,14 +78,7 @@ def choose_number(
         with torch.inference_mode():
             logits = gpt(idx, input_pos=torch.arange(length, device=model.device))[0, -1]
             while True:
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                options = {
-                    spelling[len(prefix)]: float(log_probs[spelling[len(prefix)]])
-                    for spelling in spellings
-                    if len(spelling) > len(prefix) and spelling[: len(prefix)] == prefix
-                }
-                if prefix in spellings:
-                    options[None] = float(torch.logsumexp(log_probs[stops], dim=0))  # None: stop here
+                options = step_options(spellings, prefix, torch.log_softmax(logits.float(), dim=-1), stops)
                 choice = max(options, key=options.__getitem__)
                 total = torch.logsumexp(torch.tensor(list(options.values())), dim=0)
                 probability *= float(torch.exp(options[choice] - total))

@@ -7,9 +7,11 @@ judge scores controls, the reference answer and another entry's reference for th
 ``judge.controls`` entries, so the summary can say whether its scores mean anything
 (:mod:`groundup.instruct.judge_scores`: parsing, statistics, the control AUC).
 
-Backends (:mod:`groundup.instruct.judge_backends`): ``litgpt``, whose decoding is by default constrained to
-the numbers 0-100 so that every reply is a score, and ``openai-compatible`` (Ollama, vLLM, OpenAI, ...),
-asked for a score only where the server allows it.
+Backends (:mod:`groundup.instruct.judge_backends`): ``litgpt``, by default scored by the probabilities it
+gives the numbers 0-100 (the expected score; or decoding constrained to them) so that every reply is a
+score, and ``openai-compatible`` (Ollama, vLLM, OpenAI, ...), asked for a score only and for its tokens'
+``top_logprobs`` where the server allows it. A score from probabilities is a decimal (``73.4``); the
+table keeps the most probable number and the probability mass on numbers beside it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from groundup.files import atomic_path, sha256_file
 from groundup.instruct.judge_backends import (  # noqa: F401
     FORMAT_FIELDS,
     SCORE_REGEX,
+    SCORING_MODES,
     Judge,
     JudgeError,
     LitGPTJudge,
     OpenAICompatibleJudge,
+    Reply,
 )
 from groundup.instruct.judge_scores import (  # noqa: F401  (the judge's public names, in one place)
     CONTROL_KEYS,
@@ -70,7 +74,7 @@ def make_judge(settings: JudgeConfig) -> Judge:
             chat_template=settings.chat_template,
             accelerator=settings.accelerator,
             quantize=settings.quantize,
-            constrained=settings.constrained,
+            scoring=settings.scoring,
         )
     if not settings.base_url:
         raise JudgeError(
@@ -88,6 +92,8 @@ def make_judge(settings: JudgeConfig) -> Judge:
         timeout_s=settings.timeout_s,
         retries=settings.retries,
         force_format=settings.force_format,
+        scoring=settings.scoring,
+        top_logprobs=settings.top_logprobs,
     )
 
 
@@ -132,9 +138,13 @@ def judge_responses(
     # Control scores only of the controlled entries: an entry without controls is not an unparsed reply.
     rows = {key: len(mismatched) if key in CONTROL_KEYS else len(table) for key in SCORED_KEYS}
     scores = {
-        key: [None if v is pd.NA else int(v) for v in table[f"{key}_score"][: rows[key]]] for key in SCORED_KEYS
+        key: [None if v is pd.NA else float(v) for v in table[f"{key}_score"][: rows[key]]]
+        for key in SCORED_KEYS
     }
-    summary = summarize(scores, samples=bootstrap_samples, seed=seed, auc_threshold=min_control_auc)
+    masses = {key: table[f"{key}_number_mass"][: rows[key]].dropna().tolist() for key in SCORED_KEYS}
+    summary = summarize(
+        scores, samples=bootstrap_samples, seed=seed, auc_threshold=min_control_auc, number_masses=masses
+    )
     parquet = output_dir / "scores.parquet"
     with atomic_path(parquet, suffix=".parquet") as tmp:
         table.to_parquet(tmp, index=False)
@@ -201,7 +211,10 @@ def _collect_replies(
             if index < len(mismatched):
                 answers.update(reference_answer=entries[index]["output"], mismatched_answer=mismatched[index])
             for key, answer in answers.items():
-                record[f"{key}_reply"] = judge.reply(judge_prompt(entries[index], answer))
+                reply = judge.reply(judge_prompt(entries[index], answer))
+                record[f"{key}_reply"] = reply.text
+                if reply.probabilities:
+                    record[f"{key}_probabilities"] = reply.probabilities.to_dict()
             log.append(record)
             bar.update()
             if on_progress:
@@ -212,8 +225,10 @@ def _collect_replies(
 def scores_table(
     entries: Sequence[Mapping[str, Any]], mismatched: Sequence[str], replies: Mapping[int, Mapping[str, str]]
 ):
-    """One row per entry: the entry, both responses (and the control answers), raw judge replies, parsed
-    scores, and why unparsed; control columns are empty past the controlled entries."""
+    """One row per entry: the entry, both responses (and the control answers), raw judge replies, scores
+    (expected from the probabilities where the judge gave them, else parsed from the reply), the most
+    probable number and the probability mass on numbers (probability scoring only), and why unparsed;
+    control columns are empty past the controlled entries."""
     import pandas as pd
 
     rows = []
@@ -229,15 +244,20 @@ def scores_table(
         answers["mismatched_answer"] = mismatched[index] if index < len(mismatched) else None
         for key, answer in answers.items():
             reply = replies[index].get(f"{key}_reply")
+            probabilities = replies[index].get(f"{key}_probabilities") if answer is not None else None
             parsed = parse_score(reply) if answer is not None else ParsedScore(None, "no control")
             row[key] = answer
             row[f"{key}_reply"] = reply
-            row[f"{key}_score"] = parsed.score
-            row[f"{key}_problem"] = parsed.problem
+            row[f"{key}_score"] = probabilities["expected"] if probabilities else parsed.score
+            row[f"{key}_argmax"] = probabilities["argmax"] if probabilities else None
+            row[f"{key}_number_mass"] = probabilities["mass"] if probabilities else None
+            row[f"{key}_problem"] = None if probabilities else parsed.problem
         rows.append(row)
     table = pd.DataFrame(rows).drop(columns=["reference_answer"])  # the same as "output"
-    for key in SCORED_KEYS:
-        table[f"{key}_score"] = table[f"{key}_score"].astype("Int64")  # nullable: unparsed stays missing
+    for key in SCORED_KEYS:  # nullable: unparsed stays missing
+        table[f"{key}_score"] = table[f"{key}_score"].astype("Float64")  # decimal when from probabilities
+        table[f"{key}_argmax"] = table[f"{key}_argmax"].astype("Int64")
+        table[f"{key}_number_mass"] = table[f"{key}_number_mass"].astype("Float64")
     table["difference"] = table["finetuned_model_score"] - table["base_model_score"]
     return table
 

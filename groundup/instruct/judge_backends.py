@@ -1,20 +1,25 @@
 """The judge's backends: a local LitGPT model and an OpenAI-compatible chat server.
 
-``litgpt`` runs a model through ``litgpt.LLM`` (optionally 4-bit on CUDA), by default with decoding
-constrained to the numbers 0-100 (:mod:`groundup.instruct.constrained`), so every reply is a score.
-``openai-compatible`` posts chat completions over HTTP (Ollama, vLLM, LM Studio, OpenAI, ``litgpt serve``),
-asking the server to answer with a score only where it can (a JSON-schema ``response_format``, vLLM's
-``guided_regex``); a server that refuses those fields gets plain requests, and the replies are parsed
-either way (:func:`groundup.instruct.judge_scores.parse_score`).
+``litgpt`` runs a model through ``litgpt.LLM`` (optionally 4-bit on CUDA) and scores in one of three ways
+(``scoring``): ``probability``, the expected score from the probabilities it gives each number 0-100
+(:mod:`groundup.instruct.judge_probabilities`); ``constrained``, decoding restricted to the numbers
+(:mod:`groundup.instruct.constrained`); ``free``, the workshop's free decoding, parsed. The first two give
+a score for every reply. ``openai-compatible`` posts chat completions over HTTP (Ollama, vLLM, LM Studio,
+OpenAI, ``litgpt serve``), asking the server to answer with a score only where it can (a JSON-schema
+``response_format``, vLLM's ``guided_regex``) and, scoring by ``probability``, for the ``top_logprobs`` of
+its tokens; a server that refuses a field gets requests without it, and a reply without usable logprobs is
+parsed (:func:`groundup.instruct.judge_scores.parse_score`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from groundup.errors import SourceUnreachable
+from groundup.errors import SettingsError, SourceUnreachable
+from groundup.instruct.judge_probabilities import NumberProbabilities, logprob_number_probabilities
 
 
 class JudgeError(SourceUnreachable):
@@ -25,19 +30,31 @@ class JudgeError(SourceUnreachable):
         self.status = status  # the HTTP status a server refused the request with
 
 
+SCORING_MODES = ("probability", "constrained", "free")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a judge answered: its text, and the numbers' probabilities where it was scored by them."""
+
+    text: str
+    probabilities: NumberProbabilities | None = None
+
+
 class Judge(Protocol):
     judge_id: str
     settings: dict[str, Any]  # everything that shapes the replies, for the resume check
 
-    def reply(self, prompt: str) -> str: ...
+    def reply(self, prompt: str) -> Reply: ...
 
 
 class LitGPTJudge:
     """A local judge through LitGPT, prompts wrapped in its chat template.
 
     ``chat_template`` names a LitGPT prompt style (``llama3``, ``phi-3``, ...); ``None`` uses the
-    checkpoint's own, which for ``meta-llama/Meta-Llama-3-8B-Instruct`` is Llama 3's. ``constrained``
-    restricts decoding to the numbers 0-100 (:mod:`groundup.instruct.constrained`): every reply is a score.
+    checkpoint's own, which for ``meta-llama/Meta-Llama-3-8B-Instruct`` is Llama 3's. ``scoring``: one of
+    :data:`SCORING_MODES` (see the module); scoring by ``probability``, the reply's text is the number that
+    constrained decoding writes, computed from the same forward passes.
     """
 
     def __init__(
@@ -50,30 +67,42 @@ class LitGPTJudge:
         chat_template: str | None = None,
         accelerator: str = "auto",
         quantize: str | None = None,
-        constrained: bool = True,
+        scoring: str = "probability",
     ) -> None:
         from litgpt.prompts import PromptStyle
 
         from groundup.instruct.inference import LitGPTModel, Sampling
 
+        if scoring not in SCORING_MODES:
+            raise SettingsError(f"judge.scoring {scoring!r} is not one of {', '.join(SCORING_MODES)}")
         style = PromptStyle.from_name(chat_template) if chat_template else None
         self.model = LitGPTModel(model, accelerator=accelerator, quantize=quantize, prompt_style=style)
         self.judge_id = f"litgpt:{self.model.model_id}"
-        self.constrained = constrained
+        self.scoring = scoring
         self.sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        decoding = {"decoding": "numbers 0-100"} if constrained else self.sampling.to_dict()
-        self.settings = {"chat_template": type(self.model.prompt_style).__name__, **decoding}
+        decoding = self.sampling.to_dict() if scoring == "free" else {"numbers": "0-100"}
+        self.settings = {
+            "chat_template": type(self.model.prompt_style).__name__,
+            "scoring": scoring,
+            **decoding,
+        }
 
     def chat_prompt(self, prompt: str) -> str:
         return self.model.prompt_style.apply(prompt)
 
-    def reply(self, prompt: str) -> str:
-        if self.constrained:
+    def reply(self, prompt: str) -> Reply:
+        chat = self.chat_prompt(prompt)
+        stop_ids = [seq[0] for seq in self.model.stop_tokens] + [self.model.eos_id]
+        if self.scoring == "probability":
+            from groundup.instruct.judge_probabilities import litgpt_number_probabilities
+
+            probabilities = litgpt_number_probabilities(self.model, chat, stop_ids)
+            return Reply(str(probabilities.written), probabilities)
+        if self.scoring == "constrained":
             from groundup.instruct.constrained import choose_number
 
-            stop_ids = [seq[0] for seq in self.model.stop_tokens] + [self.model.eos_id]
-            return str(choose_number(self.model, self.chat_prompt(prompt), stop_ids).value)
-        return self.model.complete([self.chat_prompt(prompt)], self.sampling)[0].strip()
+            return Reply(str(choose_number(self.model, chat, stop_ids).value))
+        return Reply(self.model.complete([chat], self.sampling)[0].strip())
 
 
 # What the format-forcing fields ask of a server: one whole number from 0 to 100.
@@ -120,18 +149,25 @@ class OpenAICompatibleJudge:
         retries: int = 3,
         backoff_s: float = 1.0,
         force_format: str = "json_schema",
+        scoring: str = "probability",
+        top_logprobs: int = 20,
     ) -> None:
         import requests
 
         if not base_url.startswith(("http://", "https://")):
             raise JudgeError(f"judge base_url {base_url!r} must start with http:// or https://")
+        if scoring not in SCORING_MODES:
+            raise SettingsError(f"judge.scoring {scoring!r} is not one of {', '.join(SCORING_MODES)}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.judge_id = f"openai-compatible:{model}@{base_url.rstrip('/')}"
         self.body = {"model": model, "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
-        self.settings = {**self.body, "force_format": force_format}
+        # The server decodes: "constrained" and "free" both mean the reply's text is parsed.
+        self.by_logprobs = scoring == "probability" and top_logprobs > 0
+        logprob_fields = {"logprobs": True, "top_logprobs": top_logprobs} if self.by_logprobs else {}
+        self.settings = {**self.body, "force_format": force_format, "scoring": scoring, **logprob_fields}
         # Sent until the server refuses them; the replies are parsed either way (parse_score reads JSON).
-        self.format_fields = FORMAT_FIELDS[force_format]
+        self.optional_fields = [group for group in (FORMAT_FIELDS[force_format], logprob_fields) if group]
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -140,18 +176,22 @@ class OpenAICompatibleJudge:
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
 
-    def reply(self, prompt: str) -> str:
+    def reply(self, prompt: str) -> Reply:
         messages = [{"role": "user", "content": prompt}]
-        if self.format_fields:
+        while True:
+            optional = {name: value for group in self.optional_fields for name, value in group.items()}
             try:
-                return self._post({**self.body, **self.format_fields, "messages": messages})
+                return self._post({**self.body, **optional, "messages": messages})
             except JudgeError as exc:
-                if exc.status not in REFUSED_FIELD_STATUS:
+                if exc.status not in REFUSED_FIELD_STATUS or not self.optional_fields:
                     raise
-                self.format_fields = {}  # this server does not take them: plain requests from now on
-        return self._post({**self.body, "messages": messages})
+                # This server does not take them: requests without the fields it names (all if it names
+                # none) from now on.
+                named = [group for group in self.optional_fields if any(name in str(exc) for name in group)]
+                for group in named or list(self.optional_fields):
+                    self.optional_fields.remove(group)
 
-    def _post(self, body: dict[str, Any]) -> str:
+    def _post(self, body: dict[str, Any]) -> Reply:
         import requests
 
         problem = ""
@@ -174,9 +214,16 @@ class OpenAICompatibleJudge:
             return self._content(response)
         raise JudgeError(f"{self.url}: no reply after {self.retries + 1} attempts ({problem})")
 
-    def _content(self, response: Any) -> str:
+    def _content(self, response: Any) -> Reply:
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            choice = response.json()["choices"][0]
+            content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeError(f"{self.url}: not a chat completion: {response.text[:300]}") from None
-        return (content or "").strip()
+        probabilities = None
+        if self.by_logprobs:
+            try:
+                probabilities = logprob_number_probabilities((choice.get("logprobs") or {}).get("content"))
+            except (AttributeError, TypeError, ValueError):
+                probabilities = None  # logprobs in a shape we do not know: the text is parsed
+        return Reply((content or "").strip(), probabilities)

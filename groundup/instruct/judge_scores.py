@@ -1,4 +1,6 @@
-"""What a judge's replies say: scores parsed from replies, their statistics, and the controls.
+"""What a judge's replies say: scores parsed from replies, their statistics, and the controls. (A judge
+scored by probabilities gives decimal scores directly: :mod:`groundup.instruct.judge_probabilities`; the
+statistics take both.)
 
 Score parsing (:func:`parse_score`) reads a reply as a person would: the final or explicitly labelled
 score, never the first incidental number, and unparsed when it is truly ambiguous:
@@ -152,7 +154,7 @@ def _json_score(reply: str) -> ParsedScore | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def describe_scores(scores: Sequence[int | None]) -> dict[str, float | int | None]:
+def describe_scores(scores: Sequence[float | None]) -> dict[str, float | int | None]:
     """Count, unparsed count and share, and mean / median / sample standard deviation of parsed scores."""
     parsed = np.array([s for s in scores if s is not None], dtype=float)
     total = len(scores)
@@ -169,7 +171,7 @@ def describe_scores(scores: Sequence[int | None]) -> dict[str, float | int | Non
 
 
 def paired_difference(
-    base: Sequence[int | None], finetuned: Sequence[int | None], *, samples: int = 10_000, seed: int = 123
+    base: Sequence[float | None], finetuned: Sequence[float | None], *, samples: int = 10_000, seed: int = 123
 ) -> dict[str, float | int | None]:
     """Mean of ``finetuned - base`` over entries where both scores parsed, with a paired bootstrap 95%
     percentile interval: entries are resampled with replacement, keeping each entry's two scores together,
@@ -197,8 +199,8 @@ def paired_difference(
 
 
 def control_auc(
-    reference: Sequence[int | None],
-    mismatched: Sequence[int | None],
+    reference: Sequence[float | None],
+    mismatched: Sequence[float | None],
     *,
     samples: int = 10_000,
     seed: int = 123,
@@ -238,20 +240,32 @@ def _auc(ref: np.ndarray, mis: np.ndarray) -> np.ndarray:
 
 
 def summarize(
-    scores: Mapping[str, Sequence[int | None]],
+    scores: Mapping[str, Sequence[float | None]],
     *,
     samples: int = 10_000,
     seed: int = 123,
     auc_threshold: float = 0.8,
+    number_masses: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Per-model statistics and the paired difference finetuned - base; with control scores, their
-    statistics and ``control`` (AUC, interval, threshold and whether the judge is trusted)."""
-    summary = {key: describe_scores(scores[key]) for key in MODEL_KEYS}
+    statistics and ``control`` (AUC, interval, threshold and whether the judge is trusted).
+
+    ``number_masses``: per key, the probability mass on numbers of each reply scored from probabilities;
+    their count (``by_probability``) and mean (``number_mass``) join that key's statistics."""
+
+    def describe(key: str) -> dict[str, float | int | None]:
+        masses = (number_masses or {}).get(key) or []
+        stats = describe_scores(scores[key])
+        if masses:
+            stats.update(by_probability=len(masses), number_mass=float(np.mean(masses)))
+        return stats
+
+    summary = {key: describe(key) for key in MODEL_KEYS}
     summary["difference"] = paired_difference(
         scores["base_model"], scores["finetuned_model"], samples=samples, seed=seed
     )
     if all(scores.get(key) for key in CONTROL_KEYS):
-        summary.update({key: describe_scores(scores[key]) for key in CONTROL_KEYS})
+        summary.update({key: describe(key) for key in CONTROL_KEYS})
         control = control_auc(*(scores[key] for key in CONTROL_KEYS), samples=samples, seed=seed)
         auc = control["auc"]
         summary["control"] = {

@@ -25,7 +25,8 @@ JUDGE_BASIS_KEYS = {
     "temperature",
     "chat_template",
     "seed",
-    "constrained",
+    "scoring",
+    "top_logprobs",
     "force_format",
 }
 
