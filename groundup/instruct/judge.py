@@ -65,17 +65,16 @@ def judge_prompt(entry: Mapping[str, Any], response: str) -> str:
 
 def make_judge(settings: JudgeConfig) -> Judge:
     """The backend ``settings`` selects."""
+    # What every backend takes from the settings.
+    common = {
+        "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "seed": settings.seed,
+        "scoring": settings.scoring,
+    }  # fmt: skip
     if settings.backend == "litgpt":
         return LitGPTJudge(
-            settings.model,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            seed=settings.seed,
-            chat_template=settings.chat_template,
-            accelerator=settings.accelerator,
-            quantize=settings.quantize,
-            scoring=settings.scoring,
-        )
+            settings.model, chat_template=settings.chat_template, accelerator=settings.accelerator,
+            quantize=settings.quantize, **common,
+        )  # fmt: skip
     if not settings.base_url:
         raise JudgeError(
             "judge.backend 'openai-compatible' needs judge.base_url (e.g. http://127.0.0.1:11434/v1)"
@@ -83,18 +82,9 @@ def make_judge(settings: JudgeConfig) -> Judge:
     if settings.quantize:
         raise JudgeError("judge.quantize applies to the litgpt backend only; the server decides its own")
     return OpenAICompatibleJudge(
-        settings.base_url,
-        settings.model,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        seed=settings.seed,
-        api_key_env=settings.api_key_env,
-        timeout_s=settings.timeout_s,
-        retries=settings.retries,
-        force_format=settings.force_format,
-        scoring=settings.scoring,
-        top_logprobs=settings.top_logprobs,
-    )
+        settings.base_url, settings.model, api_key_env=settings.api_key_env, timeout_s=settings.timeout_s,
+        retries=settings.retries, force_format=settings.force_format, top_logprobs=settings.top_logprobs, **common,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
