@@ -42,8 +42,7 @@ from prefect.states import Completed
 from groundup import environment, store
 from groundup.config import Settings
 from groundup.errors import GroundupError, ModelError, SourceUnreachable
-from groundup.files import sha256_file, sha256_tree
-from groundup.tasks.common import UNKEYED, StageResult, retry_if_transient
+from groundup.tasks.common import UNKEYED, StageResult, fingerprint, retry_if_transient, source_digest
 
 STAGE_FLOW = "groundup-stage"
 # Where a worker keeps placed stages' outputs: the worker's own setting (a flow run's working directory is a
@@ -163,22 +162,8 @@ def stage_key(stage_task: Task, arguments: dict[str, Any]) -> str:
     """What defines a placed stage's result, on any machine: the task, its code and its arguments as they
     travel (store URLs are content-addressed, settings are JSON; where to log is left out). A local file a
     setting names (a shared filesystem) counts by its content, as in the task's own cache key."""
-
-    def content(item: Any) -> Any:
-        if isinstance(item, str) and os.path.isabs(item) and "\n" not in item:
-            path = Path(item)
-            if path.is_file():
-                return {"file_sha256": sha256_file(path)}
-            if path.is_dir():
-                return {"tree_sha256": sha256_tree(path)}
-        return item
-
-    try:
-        source = inspect.getsource(stage_task.fn)
-    except (OSError, TypeError):
-        source = stage_task.fn.__qualname__
     keyed = {name: value for name, value in arguments.items() if name not in UNKEYED}
-    payload = {"task": task_path(stage_task), "source": source, "arguments": transform(keyed, content)}
+    payload = {"task": task_path(stage_task), "source": source_digest(stage_task.fn), "arguments": fingerprint(keyed)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

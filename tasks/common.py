@@ -47,12 +47,12 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _fingerprint(value: Any) -> Any:
+def fingerprint(value: Any) -> Any:
     """Content for paths that exist (so a changed byte is a miss and a moved file a hit), values otherwise."""
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a stage result: its paths' contents
-        return _fingerprint(dataclasses.asdict(value))
+        return fingerprint(dataclasses.asdict(value))
     if isinstance(value, Path) or (isinstance(value, str) and "\n" not in value and len(value) < 4096):
         path = Path(value)
         try:
@@ -64,24 +64,28 @@ def _fingerprint(value: Any) -> Any:
             pass
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _fingerprint(v) for k, v in value.items()}
+        return {str(k): fingerprint(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_fingerprint(v) for v in value]
+        return [fingerprint(v) for v in value]
     return value
+
+
+def source_digest(fn: Callable[..., Any]) -> str:
+    """sha256 of a task function's source (its name where the source cannot be read): changed code, a miss."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = fn.__qualname__
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def content_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key from the task's source code and the *contents* of its inputs (files hashed, not paths)."""
-    task_fn = context.task.fn
-    try:
-        source = inspect.getsource(task_fn)
-    except (OSError, TypeError):
-        source = task_fn.__qualname__
     payload = {
         "task": context.task.name,
-        "source": hashlib.sha256(source.encode()).hexdigest(),
+        "source": source_digest(context.task.fn),
         "inputs": {
-            k: str(Path(v).resolve()) if k in LOCATIONS and v is not None else _fingerprint(v)
+            k: str(Path(v).resolve()) if k in LOCATIONS and v is not None else fingerprint(v)
             for k, v in sorted(parameters.items())
             if k not in UNKEYED
         },
