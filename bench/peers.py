@@ -12,13 +12,15 @@ round, each library in turn:
 - load: checkpoint directory -> model ready for inference (``load_checkpoint`` / ``from_pretrained``);
 - generate: ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, KV cache on both sides
   (groundup ``generate``, eager and with ``compile=True``; ``GPT2LMHeadModel.generate(do_sample=False)``,
-  sdpa attention); the tokens must be identical;
+  sdpa attention); then both with prompt lookup (groundup ``lookahead``, transformers
+  ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
   through ``groundup.train.loop.fit`` (fused AdamW), eager and with ``train.compile``; transformers in a
   plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``).
 
 First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
-memory is the process's resident size sampled every 2 ms during a measurement, above its start.
+memory is the process's resident size sampled every 2 ms during a measurement, above its start. Each round
+also measures what the machine allows at fp32, whatever the library (see ``ceilings``).
 """
 
 from __future__ import annotations
@@ -53,8 +55,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="training batch (default: 2 on CPU, 8 on CUDA)")
     p.add_argument("--context", type=int, default=256, help="training sequence length")
     p.add_argument("--steps", type=int, help="timed training steps per round (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed training steps before the timed ones (the first steps allocate, compiling takes two)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "generate", "train", "compile"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--lookahead",
+        type=int,
+        default=10,
+        help="drafted tokens per pass in the prompt-lookup rows (groundup lookahead, transformers "
+        "prompt_lookup_num_tokens); 0 skips those rows",
+    )
     return p.parse_args(argv)
 
 
@@ -136,22 +151,51 @@ def load_transformers(directory: Path, device: str):
     return GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
 
 
-def generate_groundup(model, prompt: torch.Tensor, new_tokens: int, compile: bool) -> torch.Tensor:
+def generate_groundup(
+    model, prompt: torch.Tensor, new_tokens: int, compile: bool = False, lookahead: int = 0
+) -> torch.Tensor:
     from groundup.model.generate import generate
 
-    return generate(model, prompt, new_tokens, compile=compile)
+    return generate(model, prompt, new_tokens, compile=compile, lookahead=lookahead)
 
 
-def generate_transformers(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    # No end-of-text stop (groundup's generate has none unless asked): both run all new_tokens steps.
+def generate_transformers(model, prompt: torch.Tensor, new_tokens: int, lookahead: int = 0) -> torch.Tensor:
+    # No end-of-text stop (groundup's generate has none unless asked): both run all new_tokens steps. Prompt
+    # lookup insists on an end-of-text id, so it gets one no token has.
+    lookup = {"prompt_lookup_num_tokens": lookahead, "eos_token_id": -1} if lookahead else {"eos_token_id": None}
     return model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=new_tokens,
         do_sample=False,
-        eos_token_id=None,
         pad_token_id=0,
+        **lookup,
     )
+
+
+def ceilings(model, args: argparse.Namespace) -> tuple[float, float]:
+    """What this machine allows at fp32, whatever the library: (1) one-token-per-pass decoding, tok/s: every
+    weight must be read from memory once per pass, so the time to read them all (a sum over each tensor)
+    bounds a pass from below; (2) training, tok/s: a step costs ~6 FLOPs per parameter per token plus
+    attention's 12 * layers * context * width / 2 (causal), at the speed of one large matrix product."""
+    weights = list({id(p): p for p in model.parameters()}.values())
+
+    def best_of_five(run: Callable[[], object]) -> float:
+        run()
+        seconds = []
+        for _ in range(5):
+            started = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - started)
+        return min(seconds)
+
+    read_all = best_of_five(lambda: [w.sum() for w in weights])
+    a = torch.randn(1024, 1024, device=args.device)
+    flops_per_second = 2 * 1024**3 / best_of_five(lambda: a @ a)
+    cfg = model.cfg
+    parameters = sum(w.numel() for w in weights) - cfg.context_length * cfg.emb_dim  # position table: no FLOPs
+    attention = 12 * cfg.n_layers * args.context * cfg.emb_dim / 2
+    return 1 / read_all, flops_per_second / (6 * parameters + attention)
 
 
 def training_batches(args: argparse.Namespace):
@@ -252,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or (8 if gpu else 2)
     args.steps = args.steps or (20 if gpu else 3)
-    args.warmup = 1 if not gpu else 3
     compile_too = "compile" not in args.skip
     speeds: dict[str, list[float]] = defaultdict(list)  # row -> one value per round
     memory: dict[str, int] = {}
@@ -266,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir, ours_dir = same_weights(args, Path(tmp))
         ours, theirs = load_groundup(ours_dir, args.device), load_transformers(hf_dir, args.device)
         difference = check_same_function(ours, theirs, args.device)
+        decode_ceiling = train_ceiling = 0.0
         prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
         prompt = prompt.to(args.device)
         if "generate" not in args.skip:  # warm-ups: untimed, but the first call's seconds are reported
@@ -277,11 +321,21 @@ def main(argv: list[str] | None = None) -> int:
                 warm_ups["groundup generate, compile"] = lambda: generate_groundup(
                     ours, prompt, args.new_tokens, True
                 )
+            if args.lookahead:
+                warm_ups["groundup generate, lookahead"] = lambda: generate_groundup(
+                    ours, prompt, args.new_tokens, lookahead=args.lookahead
+                )
+                warm_ups["transformers generate, prompt lookup"] = lambda: generate_transformers(
+                    theirs, prompt, args.new_tokens, args.lookahead
+                )
             for name, run in warm_ups.items():
                 first_call[name] = timed(args.device, run)[1]
                 progress(f"first call of {name}: {first_call[name]:.1f} s")
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}/{args.rounds} ...", file=sys.stderr)
+            # The machine's own limits, each round (a shared machine's bandwidth varies): the best seen.
+            decode_now, train_now = ceilings(ours, args)
+            decode_ceiling, train_ceiling = max(decode_ceiling, decode_now), max(train_ceiling, train_now)
             if "load" not in args.skip:
                 for name, load, directory in (
                     ("load", load_groundup, ours_dir),
@@ -298,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if compile_too:
                     runs["generate compile"] = lambda: generate_groundup(ours, prompt, args.new_tokens, True)
+                if args.lookahead:
+                    runs["generate lookup"] = lambda: generate_groundup(
+                        ours, prompt, args.new_tokens, lookahead=args.lookahead
+                    )
+                    runs["generate ref lookup"] = lambda: generate_transformers(
+                        theirs, prompt, args.new_tokens, args.lookahead
+                    )
                 outputs = {}
                 for name, run in runs.items():
                     outputs[name], seconds, peak = timed(args.device, run)
@@ -344,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     row("load a checkpoint (lower is better)", "load", "load ref", "s")
     row(f"generate {args.new_tokens} tokens, greedy, KV cache", "generate", "generate ref", "tok/s")
     row("… groundup with `compile=True`", "generate compile", "generate ref", "tok/s")
+    row(f"… groundup with `lookahead={args.lookahead}` (prompt lookup)", "generate lookup", "generate ref", "tok/s")
+    row(
+        f"… both with prompt lookup ({args.lookahead} drafted tokens a pass)",
+        "generate lookup",
+        "generate ref lookup",
+        "tok/s",
+    )
     row(
         f"train, batch {args.batch} × {args.context}" + (", bf16-mixed" if gpu else ", fp32"),
         "train",
@@ -352,10 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     row("… groundup with `train.compile`", "train compile", "train ref", "tok/s")
     if identical:
-        print(
-            f"\ngreedy tokens identical (groundup eager{', compiled' if compile_too else ''} and transformers): "
-            f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds"
-        )
+        print(f"\ngreedy tokens identical (every groundup and transformers generate row): "
+              f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds")
+    print(
+        f"ceilings at fp32 on this device, whatever the library: one-token-per-pass decoding "
+        f"{decode_ceiling:.1f} tok/s (every weight read once a pass), training {train_ceiling:.1f} tok/s "
+        "(6 FLOPs per parameter and token at one large matrix product's speed)"
+    )
     if first_call:
         print(
             "first calls (untimed warm-ups, compilation included): "

@@ -139,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
     tokens = stream(
         model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eos_id=tokenizer.eot_token, use_cache=not args.no_kv_cache, seed=args.seed,
+        eos_id=tokenizer.eot_token, use_cache=not args.no_kv_cache, seed=args.seed, lookahead=args.lookahead,
     )  # fmt: skip
     # A BPE token can end inside a multi-byte character: decode bytes incrementally.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -413,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument(
+        "--lookahead", type=int, default=0,
+        help="greedy only: draft up to N tokens a pass by prompt lookup (the same text, fewer passes when it repeats)",
+    )  # fmt: skip
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--output-dir", default="artifacts")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from groundup.errors import SettingsError
 from groundup.instruct.engines import ENGINES, PRETRAINED_BASE, FinetuneBase, parse_base
@@ -267,6 +267,22 @@ class GenerationConfig(Settings):
         description="Our GPT: the one-token decoding step through torch.compile (the first batch compiles, "
         "then each token is cheaper: for many prompts on a GPU). Answers are unchanged.",
     )
+    lookahead: int = Field(
+        0,
+        ge=0,
+        description="Our GPT, greedy only: draft up to this many tokens a pass by prompt lookup (what followed "
+        "the answer's last tokens earlier in the prompt or answer) and keep those the model agrees with. "
+        "Answers are unchanged; fewer passes where answers copy their input. 0: one token a pass.",
+    )
+
+    @model_validator(mode="after")
+    def _lookahead_is_greedy(self) -> GenerationConfig:
+        if self.lookahead and self.temperature:
+            raise ValueError(
+                f"lookahead={self.lookahead} checks drafted tokens against greedy decoding: set "
+                "generation.temperature=0, or generation.lookahead=0 to sample"
+            )
+        return self
 
 
 class JudgeConfig(Settings):

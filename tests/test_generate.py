@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from groundup.model.generate import GenerationError, generate, generate_text_simple, sample_next, stream
+from groundup.model.generate import (
+    GenerationError,
+    generate,
+    generate_text_simple,
+    lookup_drafts,
+    sample_next,
+    stream,
+)
 from groundup.model.gpt import GPTModel, config_from_preset, init_weights
 from groundup.model.io import save_checkpoint
 
@@ -72,6 +79,72 @@ def test_compiled_one_token_step_is_greedy_identical(model):
     compiled = generate(model, idx, 12, compile=True)
     assert torch.equal(compiled, generate(model, idx, 12))
     assert torch.equal(compiled, generate(model, idx, 12, use_cache=False))
+
+
+def count_passes(model: GPTModel) -> list[int]:
+    """Tokens fed in each forward pass from now on (the hook stays on the module-scoped model, harmlessly)."""
+    passes: list[int] = []
+    model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[1]))
+    return passes
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_tokens_earlier():
+    tokens = torch.tensor([[5, 6, 7, 8, 5, 6, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 1, 2, 1, 2, 1, 2]])
+    lengths = torch.tensor([6, 8, 8])
+    # Row 0 ends in 5 6, seen at the start, followed by 7 8 5 6; row 1 repeats nothing; row 2 is not running.
+    drafts, counts = lookup_drafts(tokens, lengths, torch.tensor([True, True, False]), most=3)
+    assert drafts.tolist() == [[7, 8, 5], [0, 0, 0], [0, 0, 0]] and counts.tolist() == [3, 0, 0]
+    assert lookup_drafts(tokens[1:2], lengths[1:2], torch.tensor([True]), most=3) is None
+    # The longest match wins: 2 3 occurs twice, 1 2 3 once (followed by 9 4).
+    tokens = torch.tensor([[1, 2, 3, 9, 4, 2, 3, 5, 1, 2, 3]])
+    drafts, counts = lookup_drafts(tokens, torch.tensor([11]), torch.tensor([True]), most=2)
+    assert drafts.tolist() == [[9, 4]] and counts.tolist() == [2]
+    # Of several occurrences, the latest that is followed by `most` tokens: 7 8 7 8 ... ends in 8.
+    tokens = torch.tensor([[7, 8, 1, 7, 8, 2, 7, 8]])
+    drafts, _ = lookup_drafts(tokens, torch.tensor([8]), torch.tensor([True]), most=2)
+    assert drafts.tolist() == [[2, 7]]
+
+
+def test_draft_length_backs_off_when_guesses_fail_and_grows_when_they_hold():
+    from groundup.model.generate import DraftLength
+
+    drafting = DraftLength(8)
+    for expected in (8, 4, 2, 1):
+        assert drafting.next() == expected
+        drafting.kept(0, expected)
+    # Guesses kept failing: one-token steps, with a one-token draft every PROBE_EVERY steps.
+    lengths = [drafting.next() for _ in range(2 * DraftLength.PROBE_EVERY)]
+    assert lengths.count(1) == 2 and set(lengths) == {0, 1}
+    drafting.kept(1, 1)  # the probe held: 1, 2, 4, 8, and no more than the lookahead
+    for expected in (1, 2, 4, 8, 8):
+        assert drafting.next() == expected
+        drafting.kept(expected, expected)
+    drafting.kept(3, 8)  # some kept: the length stays
+    assert drafting.next() == 8
+    assert DraftLength(0).next() == 0
+
+
+@pytest.mark.parametrize("lookahead", [1, 4, 16])
+def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_passes(model, lookahead):
+    # A prompt that repeats itself, right-padded rows of different lengths, past the context of 32 (the
+    # window's re-prefill), and an end-of-text that ends rows at different steps.
+    rows = [torch.tensor([3, 1, 4, 1, 5, 9, 2, 6] * 2), prompts(batch=1, length=5, seed=3)[0]]
+    padded = torch.zeros((2, 16), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    lengths = torch.tensor([len(row) for row in rows])
+    for eos_id in (None, int(generate(model, padded, 30, lengths=lengths)[1, 16 + 20])):
+        plain = generate(model, padded, 30, lengths=lengths, eos_id=eos_id)
+        passes = count_passes(model)
+        drafted = generate(model, padded, 30, lengths=lengths, eos_id=eos_id, lookahead=lookahead)
+        assert torch.equal(drafted, plain)
+    alone = rows[0].unsqueeze(0)
+    plain = generate(model, alone, 16)  # 16 + 16 tokens: the context, no re-prefill
+    passes.clear()
+    assert torch.equal(generate(model, alone, 16, lookahead=lookahead), plain)
+    # The prompt's prefill gives the first token, a pass at a time the others: drafts kept saved passes.
+    assert passes[0] == 16 and 1 < max(passes[1:]) <= 1 + lookahead, passes
+    assert len(passes) < 16, passes
 
 
 def test_lengths_must_fit_the_prompts(model):
@@ -149,6 +222,9 @@ def test_top_k_and_top_p_restrict_the_sampled_tokens():
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"context_size": 0}, "context_size must be positive"),
+        ({"lookahead": -1}, "lookahead must be >= 0"),
+        ({"lookahead": 4, "temperature": 0.7}, "use temperature 0"),
+        ({"lookahead": 4, "use_cache": False}, "use_cache=True"),
     ],
 )
 def test_bad_arguments_are_errors_before_generating(model, kwargs, message):
@@ -183,7 +259,7 @@ def expected_text(gpt: GPTModel, prompt: str, new_tokens: int) -> str:
     return token_ids_to_text(ids, tokenizer)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-kv-cache"], ["--no-stream"]])
+@pytest.mark.parametrize("flags", [[], ["--no-kv-cache"], ["--no-stream"], ["--lookahead", "4"]])
 def test_cli_generates_from_a_checkpoint_directory(gpt2_checkpoint, capsys, flags):
     from groundup.cli import main
 

@@ -72,6 +72,20 @@ def test_same_function_as_the_plain_workshop_implementation(qkv_bias):
         torch.testing.assert_close(model(idx), plain(idx), atol=1e-5, rtol=1e-5)
 
 
+def test_training_drops_each_residual_branch_once_as_the_workshop_does():
+    """Dropout on the embeddings, the attention weights (inside SDPA) and each block's two branches: an
+    attention output dropped again inside the attention module would be dropped twice."""
+    model = GPTModel(config_from_preset("gpt-tiny", drop_rate=0.1)).train()
+    calls = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda module, args, out: calls.append(module))
+    model(torch.zeros((1, 4), dtype=torch.long))
+    assert len(calls) == 1 + 2 * model.cfg.n_layers
+    assert calls[0] is model.drop_emb
+    assert all(m is b.drop_shortcut for m, b in zip(calls[1::2], model.trf_blocks, strict=True))
+
+
 def test_chunked_prefill_with_cache_matches_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 97, (2, 25))

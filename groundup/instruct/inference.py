@@ -285,8 +285,11 @@ class LitGPTModel(CausalLM):
 class GroundupModel(CausalLM):
     pads_batches = True
 
-    def __init__(self, directory: str | Path, *, accelerator: str = "auto", compile: bool = False) -> None:
-        """``compile``: the one-token decoding step through ``torch.compile`` (pays off over many prompts)."""
+    def __init__(
+        self, directory: str | Path, *, accelerator: str = "auto", compile: bool = False, lookahead: int = 0
+    ) -> None:
+        """``compile``: the one-token decoding step through ``torch.compile`` (pays off over many prompts);
+        ``lookahead``: tokens drafted a pass by prompt lookup when decoding greedily (the same answers)."""
         from groundup.model.io import tokenizer_name
         from groundup.model.loading import load_model
         from groundup.text.tokenizers import get_tokenizer
@@ -295,7 +298,7 @@ class GroundupModel(CausalLM):
         self.model_id = str(directory)
         self._device = devices.torch_device(accelerator)
         self.model = load_model(directory, self._device)
-        self.compile = compile
+        self.compile, self.lookahead = compile, lookahead
         self.tokenizer = get_tokenizer(tokenizer_name(directory))
 
     @property
@@ -332,6 +335,7 @@ class GroundupModel(CausalLM):
             max_new_tokens,
             lengths=lengths,
             compile=self.compile,
+            lookahead=self.lookahead if sampling.temperature == 0 else 0,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
@@ -376,14 +380,16 @@ def load_causal_lm(
     quantize: str | None = None,
     prompt_style: Any = None,
     compile: bool = False,
+    lookahead: int = 0,
 ) -> CausalLM:
     """``prompt_style``: a LitGPT model's stop tokens come from it (our GPT stops at end-of-text).
-    ``compile``: our GPT's decoding step through ``torch.compile`` (LitGPT models decode as LitGPT does)."""
+    ``compile``, ``lookahead``: how our GPT decodes (see :class:`GroundupModel`); LitGPT models decode as
+    LitGPT does."""
     if model_kind(model) == "litgpt":
         return LitGPTModel(model, accelerator=accelerator, quantize=quantize, prompt_style=prompt_style)
     if quantize is not None:
         raise ModelLoadError(f"quantize={quantize!r} is only available for LitGPT models, not {model}")
-    return GroundupModel(model, accelerator=accelerator, compile=compile)
+    return GroundupModel(model, accelerator=accelerator, compile=compile, lookahead=lookahead)
 
 
 def model_identity(model: str | Path) -> dict[str, str | None]:

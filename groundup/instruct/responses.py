@@ -191,7 +191,11 @@ def _answer(
         progress.advance(len(prompts) - len(todo))
         if todo:
             model = load_causal_lm(
-                model_ref, accelerator=settings.accelerator, prompt_style=style, compile=settings.compile
+                model_ref,
+                accelerator=settings.accelerator,
+                prompt_style=style,
+                compile=settings.compile,
+                lookahead=settings.lookahead,
             )
             name = Path(str(model_ref)).name or str(model_ref)
             with tqdm(

@@ -6,6 +6,13 @@ newest token, attending to the keys and values stored for the earlier ones: line
 work in the output length. Position embeddings are absolute, so a cache cannot slide: once the sequence
 outgrows the context window, every step re-prefills the cropped window, which is exactly what the uncached
 loop computes. That keeps greedy output identical with and without the cache at any length.
+
+Greedy decoding can also draft tokens by *prompt lookup* (``lookahead``): when the last few tokens occurred
+earlier in the row (in the prompt, or in what the model already wrote), the tokens that followed them there
+are a guess at what comes next. One pass over the newest token plus the guesses gives the model's own next
+token after each of them; the guesses that agree are kept, with the model's token after the last of them.
+The kept tokens are exactly the greedy ones (each one is the argmax the model gives after its prefix),
+several per pass wherever text repeats: answers that copy from their input, a model stuck in a loop.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ def _check_arguments(
     top_k: int | None,
     top_p: float | None,
     use_cache: bool,
+    lookahead: int,
 ) -> int:
     """The context window to crop to, after checking every argument."""
     if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype != torch.long:
@@ -91,6 +99,13 @@ def _check_arguments(
         raise GenerationError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if lookahead < 0:
+        raise GenerationError(f"lookahead must be >= 0 (0: no drafted tokens), got {lookahead}")
+    if lookahead and (temperature != 0 or not use_cache):
+        raise GenerationError(
+            f"lookahead={lookahead} checks drafted tokens against greedy decoding with the KV cache; "
+            "use temperature 0 and use_cache=True, or lookahead 0"
+        )
     model_context = getattr(getattr(model, "cfg", None), "context_length", None)
     if use_cache and not hasattr(model, "new_cache"):
         raise GenerationError(f"{type(model).__name__} has no KV cache (new_cache); pass use_cache=False")
@@ -116,6 +131,7 @@ def stream(
     use_cache: bool = True,
     compile: bool = False,
     seed: int | None = None,
+    lookahead: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Yield the next ``(batch, 1)`` tokens one step at a time.
 
@@ -124,16 +140,21 @@ def stream(
     its first ``eos_id``, which is not yielded; generation stops once every row has ended, and a row that
     ended earlier is padded with ``eos_id`` meanwhile. ``seed`` makes sampling reproducible without touching
     the global RNG. ``compile`` runs the one-token step through ``torch.compile`` (the first call compiles;
-    greedy output stays the same). The model runs in eval mode, then gets its mode back. Arguments are
-    checked here, before the first token is asked for.
+    greedy output stays the same). ``lookahead`` (greedy only) drafts up to that many tokens per pass by
+    prompt lookup and keeps those the model agrees with (see the module's docstring): the same tokens,
+    fewer passes where text repeats; the rows of a batch keep in step, so a pass keeps what every row
+    agrees with. The model runs in eval mode, then gets its mode back. Arguments are checked here, before
+    the first token is asked for.
     """
-    window = _check_arguments(model, idx, lengths, context_size, temperature, top_k, top_p, use_cache)
+    window = _check_arguments(
+        model, idx, lengths, context_size, temperature, top_k, top_p, use_cache, lookahead
+    )
     if lengths is None:
         lengths = torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long, device=idx.device)
     step = _compiled_decode_step() if compile and use_cache else decode_step
     return _stream(
         model, idx, lengths.to(idx.device), max_new_tokens, window, temperature, top_k, top_p, eos_id,
-        use_cache, step, seed,
+        use_cache, step, seed, lookahead,
     )
 
 
@@ -186,43 +207,164 @@ def _stream(
     use_cache: bool,
     step: Callable[..., torch.Tensor],
     seed: int | None,
+    lookahead: int,
 ) -> Iterator[torch.Tensor]:
     generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
     batch = idx.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-    # Each row's tokens so far, left-aligned; the next token of row i goes to column lengths[i].
+    # Each row's tokens so far, left-aligned; the next token of row i goes to column lengths[i]. Rows may
+    # run ahead of each other (a pass can keep several drafted tokens of one row and none of another), so
+    # the rows' new tokens are yielded a column at a time once every row has that column.
     tokens = torch.cat([idx, idx.new_zeros(batch, max_new_tokens)], dim=1)
     lengths = lengths.clone()
-    rows = torch.arange(batch, device=idx.device)
+    first_new = lengths.clone()  # column of each row's first new token
+    made = torch.zeros_like(lengths)  # new tokens each row has, up to and including its end-of-text
+    ended = torch.zeros(batch, dtype=torch.bool, device=idx.device)  # the row's last token was end-of-text
     # A cache no longer than the sequence can get keeps every step's attention short.
     cache = model.new_cache(batch, min(window, tokens.shape[1])) if use_cache else None
     offsets = torch.zeros_like(lengths)  # tokens cropped off each row's front when it was last prefilled
-    longest = None  # tokens of the longest row counted from its offset; None until the first prefill
+    prefilled = False
+    drafting = DraftLength(lookahead)
+    yielded = 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                if cache is None or longest is None or longest > window:
+            while yielded < max_new_tokens:
+                running = ~ended & (made < max_new_tokens)
+                longest = int((lengths - offsets).max())  # the longest row, newest token included
+                if cache is None or not prefilled or longest > window:
                     # Without a cache, or once the window is full: the absolute positions cannot slide,
                     # so the (cropped) window is fed again from position 0, as the uncached loop does.
                     logits, offsets = _prefill(model, tokens, lengths, window, cache)
-                    longest = min(int(lengths.max()), window)
-                else:  # only each row's newest token, at the position after its cached ones
+                    new_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+                    counts = torch.ones_like(lengths)
+                    prefilled = True
+                else:  # each row's newest token at the position after its cached ones (and any drafts)
                     newest = tokens.gather(1, (lengths - 1).unsqueeze(1))
-                    logits = step(model, newest, cache, (lengths - 1 - offsets).unsqueeze(1))
-                next_token = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    next_token = next_token.masked_fill(finished.unsqueeze(1), eos_id)
-                    finished |= next_token.squeeze(1) == eos_id
-                    if finished.all():
-                        return
-                tokens[rows, lengths] = next_token.squeeze(1)
-                lengths += 1
-                longest += 1
-                yield next_token
+                    positions = lengths - 1 - offsets
+                    # Drafts must leave a token to the model and fit in the cache after the newest one.
+                    most = min(
+                        drafting.next(),
+                        int((max_new_tokens - made[running]).min()) - 1,
+                        cache.max_length - int(positions[running].max()) - 1,
+                    )
+                    drafts = lookup_drafts(tokens, lengths, running, most) if most > 0 else None
+                    if drafts is None:
+                        logits = step(model, newest, cache, positions.unsqueeze(1))
+                        new_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+                        counts = torch.ones_like(lengths)
+                    else:
+                        new_tokens, counts = _verify(model, newest, *drafts, cache, positions, cache.max_length)
+                        drafting.kept(int(counts[running].max()) - 1, drafts[0].shape[1])
+                for row in running.nonzero().flatten().tolist():
+                    kept = new_tokens[row, : min(int(counts[row]), max_new_tokens - int(made[row]))]
+                    if eos_id is not None and (kept == eos_id).any():
+                        kept = kept[: int((kept == eos_id).nonzero()[0]) + 1]
+                        ended[row] = True
+                    tokens[row, lengths[row] : lengths[row] + len(kept)] = kept
+                    lengths[row] += len(kept)
+                    made[row] += len(kept)
+                # Columns every row has: a row that ended has them all (end-of-text from then on). Once all
+                # rows have ended, the column where the last of them ended is not yielded.
+                ready = int(torch.where(ended, max_new_tokens, made).min())
+                last = int(made.max()) - 1 if bool(ended.all()) else max_new_tokens
+                for column in range(yielded, min(ready, last)):
+                    next_token = tokens.gather(1, (first_new + column).unsqueeze(1))
+                    if eos_id is not None:  # rows that ended before this column
+                        next_token = next_token.masked_fill((made <= column).unsqueeze(1) & ended.unsqueeze(1), eos_id)
+                    yielded += 1
+                    yield next_token
+                if yielded == last:
+                    return
     finally:
         model.train(was_training)
+
+
+class DraftLength:
+    """How many tokens to draft for the next pass, at most ``lookahead``: doubled after a pass in which a
+    row kept all its drafts, halved after one in which no row kept any. A wider pass costs more than a
+    one-token step (on a CPU, up to three times as much), so text that does not repeat itself soon
+    decodes a token a pass again, trying a one-token draft every ``PROBE_EVERY`` steps."""
+
+    PROBE_EVERY = 16
+
+    def __init__(self, lookahead: int) -> None:
+        self.lookahead, self.length, self.steps_since_draft = lookahead, lookahead, 0
+
+    def next(self) -> int:
+        if self.length == 0 and self.lookahead:
+            self.steps_since_draft += 1
+            return 1 if self.steps_since_draft % self.PROBE_EVERY == 0 else 0
+        return self.length
+
+    def kept(self, kept: int, drafted: int) -> None:
+        """After a pass that verified ``drafted`` tokens: the most any row kept."""
+        if kept == drafted:
+            self.length = min(self.lookahead, max(1, 2 * self.length))
+        elif kept == 0:
+            self.length //= 2
+
+
+# Prompt lookup matches the row's last 3 tokens, else its last 2. A single repeated token is too weak a
+# hint: in text that does not repeat itself its guesses are mostly wrong, and a wrong guess costs a wider pass.
+LOOKUP_NGRAM = 3
+LOOKUP_MIN_NGRAM = 2
+
+
+def lookup_drafts(
+    tokens: torch.Tensor, lengths: torch.Tensor, running: torch.Tensor, most: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Guesses at the tokens after each running row's last one: what followed an earlier occurrence of the
+    row's last ``n`` tokens (the largest ``n`` in ``LOOKUP_MIN_NGRAM … LOOKUP_NGRAM`` that occurred; of its occurrences, the latest
+    one followed by the most tokens), at most ``most`` of them. Returns ``(batch, k)`` drafts, right-padded,
+    and each row's count (0: no guess, or not running); ``None`` when no row has a guess."""
+    guesses = [
+        _continuation(tokens[row, : int(lengths[row])], most) if running[row] else None
+        for row in range(tokens.shape[0])
+    ]
+    counts = torch.tensor([0 if guess is None else len(guess) for guess in guesses], device=tokens.device)
+    if not counts.any():
+        return None
+    drafts = tokens.new_zeros(tokens.shape[0], int(counts.max()))
+    for row, guess in enumerate(guesses):
+        if guess is not None:
+            drafts[row, : len(guess)] = guess
+    return drafts, counts
+
+
+def _continuation(sequence: torch.Tensor, most: int) -> torch.Tensor | None:
+    length = sequence.shape[0]
+    for n in range(min(LOOKUP_NGRAM, length - 1), LOOKUP_MIN_NGRAM - 1, -1):
+        # Every n-gram that has a token after it, i.e. starts before the last n tokens' own start.
+        earlier = sequence[:-1].unfold(0, n, 1)
+        starts = (earlier == sequence[-n:]).all(dim=1).nonzero().squeeze(1)
+        if len(starts):
+            following = (length - n - starts).clamp(max=most)
+            start = int(starts[following == following.max()].max())
+            return sequence[start + n : start + n + most]
+    return None
+
+
+def _verify(
+    model: nn.Module,
+    newest: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_counts: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor,
+    slots: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over each row's newest token and its drafts: the model's greedy token after each of them,
+    and how many of those each row keeps: the ones after drafts it agreed with, and one more (the model's
+    own token after its last agreed draft, or instead of its first wrong one). Each kept token was thus
+    predicted after the row's greedy tokens only."""
+    fed = torch.cat([newest, drafts], dim=1)
+    # Rows that are done are fed too (the batch is one tensor); their positions may run past the cache.
+    fed_positions = (positions.unsqueeze(1) + torch.arange(fed.shape[1], device=fed.device)).clamp(max=slots - 1)
+    predicted = model(fed, cache, fed_positions).argmax(dim=-1)  # predicted[:, j]: the token after fed[:, j]
+    drafted = torch.arange(drafts.shape[1], device=fed.device) < draft_counts.unsqueeze(1)
+    agreed = ((predicted[:, :-1] == drafts) & drafted).long().cumprod(dim=1).sum(dim=1)
+    return predicted, agreed + 1
 
 
 def generate(
@@ -239,6 +381,7 @@ def generate(
     use_cache: bool = True,
     compile: bool = False,
     seed: int | None = None,
+    lookahead: int = 0,
 ) -> torch.Tensor:
     """``idx`` followed by up to ``max_new_tokens`` generated tokens (see :func:`stream`); with ``lengths``
     the new tokens start after ``idx``'s last column, whatever each row's own length."""
@@ -246,6 +389,7 @@ def generate(
         stream(
             model, idx, max_new_tokens, lengths=lengths, context_size=context_size, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_id=eos_id, use_cache=use_cache, compile=compile, seed=seed,
+            lookahead=lookahead,
         )
     )
     return torch.cat([idx, *new], dim=1)

@@ -128,8 +128,7 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d, d)
-        self.dropout = cfg.drop_rate
-        self.resid_drop = nn.Dropout(cfg.drop_rate)
+        self.dropout = cfg.drop_rate  # on the attention weights; the block drops the output (drop_shortcut)
 
     def forward(
         self,
@@ -156,7 +155,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).reshape(b, t, d)
-        return self.resid_drop(self.out_proj(y))
+        return self.out_proj(y)
 
 
 class FeedForward(nn.Module):
