@@ -16,7 +16,8 @@ round, each library in turn:
   ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
   through ``groundup.train.loop.fit`` (fused AdamW), eager and with ``train.compile``; transformers in a
-  plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``).
+  plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``), and groundup's
+  model in that same loop (what the model costs without ``fit``).
 
 First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
 memory is the process's resident size sampled every 2 ms during a measurement, above its start. Each round
@@ -252,9 +253,26 @@ def train_groundup(directory: Path, args: argparse.Namespace, compile: bool) -> 
 def train_transformers(directory: Path, args: argparse.Namespace) -> tuple[float, int]:
     from transformers import GPT2LMHeadModel
 
+    model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa")
+    return train_in_plain_loop(model, args, lambda inputs: model(inputs).logits)
+
+
+def train_groundup_plain(directory: Path, args: argparse.Namespace) -> tuple[float, int]:
+    """Our model in transformers' loop: what the model costs, without ``fit``'s bookkeeping."""
+    from groundup.model.gpt import GPTModel
+    from groundup.model.io import load_state, read_config
+
+    cfg = read_config(directory)
+    cfg.drop_rate = 0.1
+    model = load_state(directory, GPTModel(cfg))
+    return train_in_plain_loop(model, args, model)
+
+
+def train_in_plain_loop(model, args: argparse.Namespace, logits: Callable) -> tuple[float, int]:
+    """Tokens/s and peak memory of forward, loss, backward and a fused AdamW step, nothing else."""
     from groundup.train.loop import lm_loss
 
-    model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa").to(args.device).train()
+    model = model.to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
     with PeakMemory(args.device) as memory:
@@ -265,7 +283,7 @@ def train_transformers(directory: Path, args: argparse.Namespace) -> tuple[float
                 started = time.perf_counter()
             inputs, targets = inputs.to(args.device), targets.to(args.device)
             with autocast:
-                loss = lm_loss(model(inputs).logits, targets)
+                loss = lm_loss(logits(inputs), targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -370,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, train in (
                     ("train", lambda: train_groundup(ours_dir, args, False)),
                     ("train ref", lambda: train_transformers(hf_dir, args)),
+                    ("train plain", lambda: train_groundup_plain(ours_dir, args)),
                     ("train compile", lambda: train_groundup(ours_dir, args, True)),
                 ):
                     if name == "train compile" and not compile_too:
@@ -418,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "train ref",
         "tok/s",
     )
+    row("… groundup's model in transformers' plain loop (no `fit`)", "train plain", "train ref", "tok/s")
     row("… groundup with `train.compile`", "train compile", "train ref", "tok/s")
     if identical:
         print(f"\ngreedy tokens identical (every groundup and transformers generate row): "

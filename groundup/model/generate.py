@@ -11,8 +11,9 @@ Greedy decoding can also draft tokens by *prompt lookup* (``lookahead``): when t
 earlier in the row (in the prompt, or in what the model already wrote), the tokens that followed them there
 are a guess at what comes next. One pass over the newest token plus the guesses gives the model's own next
 token after each of them; the guesses that agree are kept, with the model's token after the last of them.
-The kept tokens are exactly the greedy ones (each one is the argmax the model gives after its prefix),
-several per pass wherever text repeats: answers that copy from their input, a model stuck in a loop.
+The kept tokens are the greedy ones (each one is the argmax the model gives after its prefix; a wider
+pass rounds differently, which could only flip a near-exact tie, as batching could), several per pass
+wherever text repeats: answers that copy from their input, a model stuck in a loop.
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ def stream(
     the global RNG. ``compile`` runs the one-token step through ``torch.compile`` (the first call compiles;
     greedy output stays the same). ``lookahead`` (greedy only) drafts up to that many tokens per pass by
     prompt lookup and keeps those the model agrees with (see the module's docstring): the same tokens,
-    fewer passes where text repeats; the rows of a batch keep in step, so a pass keeps what every row
-    agrees with. The model runs in eval mode, then gets its mode back. Arguments are checked here, before
-    the first token is asked for.
+    fewer passes where text repeats; each row of a batch keeps what it agrees with, and a column is
+    yielded once every row has it. The model runs in eval mode, then gets its mode back. Arguments are
+    checked here, before the first token is asked for.
     """
     window = _check_arguments(
         model, idx, lengths, context_size, temperature, top_k, top_p, use_cache, lookahead
