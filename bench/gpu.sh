@@ -40,8 +40,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,
 # bf16-mixed + torch.compile, with MFU against the card's dense bf16 peak. Compilation is in the warm-up.
 run train 240 python -m bench.train --device cuda --context 1024 --batch 8 --steps 20 --warmup 5
 
-# groundup vs transformers on the same weights: load, generation (eager and compiled, 200 tokens), training
-# (bf16-mixed; groundup eager and with train.compile), peak memory from the CUDA allocator.
+# groundup vs transformers on the same weights: load, generation (eager, compiled and both with prompt lookup,
+# 200 tokens), training (bf16-mixed; groundup through fit, in transformers' plain loop and with
+# train.compile), peak memory from the CUDA allocator.
 run peers 240 python -m bench.peers --device cuda --rounds 2 --context 1024
 
 # KV cache vs the workshop's loop, 500 new tokens.

@@ -21,7 +21,7 @@ round, each library in turn:
 
 First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
 memory is the process's resident size sampled every 2 ms during a measurement, above its start. Each round
-also measures what the machine allows at fp32, whatever the library (see ``ceilings``).
+on a CPU also measures what the machine allows at fp32, whatever the library (see ``ceilings``).
 """
 
 from __future__ import annotations
@@ -352,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}/{args.rounds} ...", file=sys.stderr)
             # The machine's own limits, each round (a shared machine's bandwidth varies): the best seen.
-            decode_now, train_now = ceilings(ours, args)
-            decode_ceiling, train_ceiling = max(decode_ceiling, decode_now), max(train_ceiling, train_now)
+            if not gpu:  # (on a GPU, bench.train reports MFU against the card's bf16 peak instead)
+                decode_now, train_now = ceilings(ours, args)
+                decode_ceiling, train_ceiling = max(decode_ceiling, decode_now), max(train_ceiling, train_now)
             if "load" not in args.skip:
                 for name, load, directory in (
                     ("load", load_groundup, ours_dir),
@@ -442,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     if identical:
         print(f"\ngreedy tokens identical (every groundup and transformers generate row): "
               f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds")
-    print(
-        f"ceilings at fp32 on this device, whatever the library: one-token-per-pass decoding "
-        f"{decode_ceiling:.1f} tok/s (every weight read once a pass), training {train_ceiling:.1f} tok/s "
-        "(6 FLOPs per parameter and token at one large matrix product's speed)"
-    )
+    if decode_ceiling:
+        print(
+            f"ceilings at fp32 on this CPU, whatever the library: one-token-per-pass decoding "
+            f"{decode_ceiling:.1f} tok/s (every weight read once a pass), training {train_ceiling:.1f} tok/s "
+            "(6 FLOPs per parameter and token at one large matrix product's speed)"
+        )
     if first_call:
         print(
             "first calls (untimed warm-ups, compilation included): "
