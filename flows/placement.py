@@ -73,16 +73,19 @@ def artifact_store(output_dir: str | Path) -> store.ArtifactStore:
     return configured or store.ArtifactStore(Path(output_dir) / "store", Path(output_dir) / "store-cache")
 
 
-def transform(value: Any, leaf) -> Any:
+def transform(value: Any, leaf, rebuild=dataclasses.replace) -> Any:
     """``value`` with ``leaf`` applied to every string or path inside dicts, lists and stage results
-    (dataclasses), keeping their types."""
+    (dataclasses); ``rebuild(result, **fields)`` makes each result anew from its transformed fields (by
+    default the same type)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: transform(getattr(value, f.name), leaf) for f in dataclasses.fields(value) if f.init}
-        return dataclasses.replace(value, **fields)
+        fields = {
+            f.name: transform(getattr(value, f.name), leaf, rebuild) for f in dataclasses.fields(value) if f.init
+        }
+        return rebuild(value, **fields)
     if isinstance(value, dict):
-        return {k: transform(v, leaf) for k, v in value.items()}
+        return {k: transform(v, leaf, rebuild) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [transform(v, leaf) for v in value]
+        return [transform(v, leaf, rebuild) for v in value]
     return leaf(value)
 
 
@@ -133,15 +136,12 @@ def bind(stage_task: Task, arguments: dict[str, Any]) -> dict[str, Any]:
 
 def to_json(value: Any) -> Any:
     """A stage result (URLs inside) as JSON: dataclasses tagged with their class, restored by :func:`from_json`."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        kind = type(value)
-        fields = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+
+    def tagged(result: Any, /, **fields: Any) -> dict[str, Any]:
+        kind = type(result)
         return {"__dataclass__": f"{kind.__module__}:{kind.__qualname__}", "fields": fields}
-    if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
-    return value
+
+    return transform(value, lambda item: item, rebuild=tagged)
 
 
 def from_json(value: Any) -> Any:

@@ -247,6 +247,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if not stopped:
             print(f"nothing running for {Path(args.dir).resolve()}")
         return 0
+    if args.action == "restart-worker":
+        worker = cluster.restart_worker(args.dir, args.pool, args.workdir)
+        print(f"{worker.name} polling again: pid {worker.pid}, log {worker.log}")
+        return 0
     print("starting PostgreSQL, the S3 store, Prefect, MLflow and two workers (a few minutes) ...", flush=True)
     state = cluster.up(args.dir, bucket=args.bucket)
     for name, server in state["servers"].items():
@@ -448,11 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stages-only", action="store_true", help="register only groundup-stage/POOL (placement)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("cluster", help="start (up) or stop (down) a local rehearsal of a multi-machine setup", parents=[debug])
-    p.add_argument("action", choices=["up", "down"])
+    p = sub.add_parser(
+        "cluster", parents=[debug],
+        help="start (up) or stop (down) a local rehearsal of a multi-machine setup, or start a worker again",
+    )  # fmt: skip
+    p.add_argument("action", choices=["up", "down", "restart-worker"])
     p.add_argument("--dir", default="cluster", help="where pids, ports, logs and data live (default: %(default)s)")
     p.add_argument("--bucket", default="groundup", help="the S3 bucket of the artifact store (default: %(default)s)")
     p.add_argument("--remove-data", action="store_true", help="down: also delete the PostgreSQL data")
+    p.add_argument("--pool", default="groundup-gpu", help="restart-worker: whose worker (default: %(default)s)")
+    p.add_argument(
+        "--workdir", help="restart-worker: its working directory (default: the old one; a new one is a fresh machine)"
+    )
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("instruct", help="instruction data", parents=[debug])

@@ -74,3 +74,11 @@ def test_each_verb_refuses_a_bad_input_in_one_line(prefect_harness, tmp_path):
         if done.returncode == 0 or len(lines) != 1 or named not in lines[0] or "Traceback" in done.stderr + done.stdout:
             failures.append(f"{argv[0]}: exit {done.returncode}, lines {lines}\n{done.stderr[-2000:]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_restarting_the_worker_of_a_cluster_that_is_not_up_says_so_in_one_line(tmp_path, capsys):
+    from groundup.cli import main
+
+    assert main(["cluster", "restart-worker", "--dir", str(tmp_path / "none"), "--pool", "groundup-gpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no cluster with a groundup-gpu worker" in err[0] and "groundup cluster up" in err[0]

@@ -276,8 +276,12 @@ def test_a_gpu_worker_killed_mid_finetune_and_restarted_elsewhere_resumes_from_t
         gpu = Server(**cluster.read_state(directory)["servers"]["worker-groundup-gpu"])
         assert kill_machine(gpu.pid) >= 2  # the worker and the flow run it started, at least
         fresh = tmp_path_factory.mktemp("cwd-groundup-gpu-restarted")
-        restarted = cluster.restart_worker(directory, "groundup-gpu", fresh)
-        assert restarted.pid != gpu.pid and cluster.read_state(directory)["servers"]["worker-groundup-gpu"]["pid"] == restarted.pid
+        # The command an operator runs on the replacement machine.
+        from groundup.cli import main
+
+        assert main(["cluster", "restart-worker", "--dir", str(directory), "--workdir", str(fresh)]) == 0
+        restarted = Server(**cluster.read_state(directory)["servers"]["worker-groundup-gpu"])
+        assert restarted.pid != gpu.pid and restarted.alive()
         run = api.wait(flow_run_id, timeout=1500)
     assert run["state_type"] == "COMPLETED", run["state"]
     assert api.task_states(flow_run_id)["finetune"] == "Completed"
