@@ -243,9 +243,11 @@ def _stream(
                 else:  # each row's newest token at the position after its cached ones (and any drafts)
                     newest = tokens.gather(1, (lengths - 1).unsqueeze(1))
                     positions = lengths - 1 - offsets
-                    # Drafts must leave a token to the model and fit in the cache after the newest one.
-                    most = min(
-                        drafting.next(),
+                    # Drafts must leave a token to the model and fit in the cache after the newest one;
+                    # those bounds read device values back, so only when there is something to draft.
+                    wanted = drafting.next()
+                    most = wanted and min(
+                        wanted,
                         int((max_new_tokens - made[running]).min()) - 1,
                         cache.max_length - int(positions[running].max()) - 1,
                     )
