@@ -218,6 +218,7 @@ def _stream(
     tokens = torch.cat([idx, idx.new_zeros(batch, max_new_tokens)], dim=1)
     lengths = lengths.clone()
     first_new = lengths.clone()  # column of each row's first new token
+    rows = torch.arange(batch, device=idx.device)
     made = torch.zeros_like(lengths)  # new tokens each row has, up to and including its end-of-text
     ended = torch.zeros(batch, dtype=torch.bool, device=idx.device)  # the row's last token was end-of-text
     # A cache no longer than the sequence can get keeps every step's attention short.
@@ -259,14 +260,19 @@ def _stream(
                     else:
                         new_tokens, counts = _verify(model, newest, *drafts, cache, positions, cache.max_length)
                         drafting.kept(int(counts[running].max()) - 1, drafts[0].shape[1])
-                for row in running.nonzero().flatten().tolist():
-                    kept = new_tokens[row, : min(int(counts[row]), max_new_tokens - int(made[row]))]
-                    if eos_id is not None and (kept == eos_id).any():
-                        kept = kept[: int((kept == eos_id).nonzero()[0]) + 1]
-                        ended[row] = True
-                    tokens[row, lengths[row] : lengths[row] + len(kept)] = kept
-                    lengths[row] += len(kept)
-                    made[row] += len(kept)
+                # Each running row keeps its first `counts` new tokens, within its budget and up to its
+                # end-of-text (all rows at once: no per-row reads from the device).
+                counts = torch.where(running, torch.minimum(counts, max_new_tokens - made), 0)
+                within = torch.arange(new_tokens.shape[1], device=idx.device) < counts.unsqueeze(1)
+                if eos_id is not None:
+                    at_end = (new_tokens == eos_id) & within
+                    ended |= at_end.any(dim=1)
+                    within &= at_end.long().cumsum(dim=1) - at_end.long() == 0  # nothing after the first
+                    counts = within.sum(dim=1)
+                columns = lengths.unsqueeze(1) + torch.arange(new_tokens.shape[1], device=idx.device)
+                tokens[rows.unsqueeze(1).expand_as(columns)[within], columns[within]] = new_tokens[within]
+                lengths += counts
+                made += counts
                 # Columns every row has: a row that ended has them all (end-of-text from then on). Once all
                 # rows have ended, the column where the last of them ended is not yielded.
                 ready = int(torch.where(ended, max_new_tokens, made).min())
