@@ -9,9 +9,10 @@ fixtures), saved as Hugging Face safetensors and converted with groundup's own c
 hold the same weights; the bench checks that they compute the same logits. In one process, round after
 round, each library in turn:
 
-- load: checkpoint directory -> model ready for inference (``load_checkpoint`` / ``from_pretrained``);
+- load: checkpoint directory -> model ready for inference (``load_model``, which on a CPU lays the weights out
+  for decoding, and ``load_checkpoint`` alone / ``from_pretrained``);
 - generate: ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, KV cache on both sides
-  (groundup ``generate``, eager and with ``compile=True``; ``GPT2LMHeadModel.generate(do_sample=False)``,
+  (groundup ``generate``, eager, with the weights as stored and with ``compile=True``; ``GPT2LMHeadModel.generate(do_sample=False)``,
   sdpa attention); then both with prompt lookup (groundup ``lookahead``, transformers
   ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
@@ -141,6 +142,14 @@ def same_weights(args: argparse.Namespace, root: Path) -> tuple[Path, Path]:
 
 
 def load_groundup(directory: Path, device: str):
+    """What ``groundup generate`` and the responses stage load: on a CPU, weights laid out for decoding."""
+    from groundup.model.loading import load_model
+
+    return load_model(directory, device)
+
+
+def load_groundup_as_stored(directory: Path, device: str):
+    """The checkpoint alone, weights as stored (what training starts from)."""
     from groundup.model.io import load_checkpoint
 
     return load_checkpoint(directory, device)
@@ -176,10 +185,13 @@ def generate_transformers(model, prompt: torch.Tensor, new_tokens: int, lookahea
 
 def ceilings(model, args: argparse.Namespace) -> tuple[float, float]:
     """What this machine allows at fp32, whatever the library: (1) one-token-per-pass decoding, tok/s: every
-    weight must be read from memory once per pass, so the time to read them all (a sum over each tensor)
-    bounds a pass from below; (2) training, tok/s: a step costs ~6 FLOPs per parameter per token plus
-    attention's 12 * layers * context * width / 2 (causal), at the speed of one large matrix product."""
+    weight must be read from memory once per pass, so the time to read them all bounds a pass from below,
+    taken as the faster of two full reads: a sum of each tensor, and a vector times each matrix stored
+    along its longer side (faster than a sum here; sums for the vectors); (2) training, tok/s: a step costs ~6 FLOPs per parameter per token plus attention's
+    12 * layers * context * width / 2 (causal), at the speed of one large matrix product."""
     weights = list({id(p): p for p in model.parameters()}.values())
+    long_rows = [w.detach().reshape(-1, max(w.shape)).contiguous() if w.dim() == 2 else None for w in weights]
+    vectors = [None if m is None else torch.ones(1, m.shape[0], device=m.device) for m in long_rows]
 
     def best_of_five(run: Callable[[], object]) -> float:
         run()
@@ -190,13 +202,49 @@ def ceilings(model, args: argparse.Namespace) -> tuple[float, float]:
             seconds.append(time.perf_counter() - started)
         return min(seconds)
 
-    read_all = best_of_five(lambda: [w.sum() for w in weights])
+    # Whole passes, not tensor by tensor: a small tensor read five times in a row would come from the cache.
+    read_all = min(
+        best_of_five(lambda: [w.sum() for w in weights]),
+        best_of_five(
+            lambda: [w.sum() if m is None else v @ m for w, m, v in zip(weights, long_rows, vectors, strict=True)]
+        ),
+    )
     a = torch.randn(1024, 1024, device=args.device)
     flops_per_second = 2 * 1024**3 / best_of_five(lambda: a @ a)
     cfg = model.cfg
     parameters = sum(w.numel() for w in weights) - cfg.context_length * cfg.emb_dim  # position table: no FLOPs
     attention = 12 * cfg.n_layers * args.context * cfg.emb_dim / 2
     return 1 / read_all, flops_per_second / (6 * parameters + attention)
+
+
+def layout_products(model) -> list[tuple[str, float, float]]:
+    """What ``decoding_layout`` is for: a vector times each kind of weight matrix, ms per product, stored
+    output-major (as loaded) and input-major (laid out). Enough copies of each are cycled through that
+    they come from memory, as in a real step, not from the CPU's cache."""
+    import torch.nn.functional as F
+
+    cfg = model.cfg
+    d = cfg.emb_dim
+    kinds = {
+        "output head": (cfg.vocab_size, d),
+        "query / key / value / attention output": (d, d),
+        "feed-forward, first layer": (4 * d, d),
+        "feed-forward, second layer": (d, 4 * d),
+    }
+    rows = []
+    for name, (outputs, inputs) in kinds.items():
+        copies = max(2, int(400e6 // (outputs * inputs * 4)))  # ~400 MB: well past any cache
+        stored = [torch.randn(outputs, inputs) for _ in range(copies)]
+        laid_out = [w.t().contiguous().t() for w in stored]
+        x = torch.randn(1, inputs)
+        best = {}
+        for label, weights in (("stored", stored), ("laid out", laid_out)) * 3:
+            started = time.perf_counter()
+            for w in weights:
+                F.linear(x, w)
+            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - started) / copies * 1e3)
+        rows.append((f"{name} ({outputs} × {inputs})", best["stored"], best["laid out"]))
+    return rows
 
 
 def training_batches(args: argparse.Namespace):
@@ -326,14 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         hf_dir, ours_dir = same_weights(args, Path(tmp))
         ours, theirs = load_groundup(ours_dir, args.device), load_transformers(hf_dir, args.device)
+        ours_as_stored = load_groundup_as_stored(ours_dir, args.device)  # the layout's effect, side by side
         difference = check_same_function(ours, theirs, args.device)
         decode_ceiling = train_ceiling = 0.0
+        products = layout_products(ours) if not gpu and "generate" not in args.skip else []
         prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
         prompt = prompt.to(args.device)
         if "generate" not in args.skip:  # warm-ups: untimed, but the first call's seconds are reported
             warm_ups = {
                 "groundup generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
                 "transformers generate": lambda: generate_transformers(theirs, prompt, args.new_tokens),
+                "groundup generate, weights as stored": lambda: generate_groundup(
+                    ours_as_stored, prompt, args.new_tokens
+                ),
             }
             if compile_too:
                 warm_ups["groundup generate, compile"] = lambda: generate_groundup(
@@ -358,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             if "load" not in args.skip:
                 for name, load, directory in (
                     ("load", load_groundup, ours_dir),
+                    ("load as stored", load_groundup_as_stored, ours_dir),
                     ("load ref", load_transformers, hf_dir),
                 ):
                     _, seconds, peak = timed(args.device, functools.partial(load, directory, args.device))
@@ -368,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = {
                     "generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
                     "generate ref": lambda: generate_transformers(theirs, prompt, args.new_tokens),
+                    "generate as stored": lambda: generate_groundup(ours_as_stored, prompt, args.new_tokens),
                 }
                 if compile_too:
                     runs["generate compile"] = lambda: generate_groundup(ours, prompt, args.new_tokens, True)
@@ -422,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(speeds[ref_key]):,.2f} {unit} | {ratios} | {mb} |"
         )
 
-    row("load a checkpoint (lower is better)", "load", "load ref", "s")
+    row("load a checkpoint for decoding, `load_model` (lower is better)", "load", "load ref", "s")
+    row("… weights as stored, `load_checkpoint`", "load as stored", "load ref", "s")
     row(f"generate {args.new_tokens} tokens, greedy, KV cache", "generate", "generate ref", "tok/s")
+    row("… groundup, weights as stored (`load_checkpoint`)", "generate as stored", "generate ref", "tok/s")
     row("… groundup with `compile=True`", "generate compile", "generate ref", "tok/s")
     row(f"… groundup with `lookahead={args.lookahead}` (prompt lookup)", "generate lookup", "generate ref", "tok/s")
     row(
@@ -443,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     if identical:
         print(f"\ngreedy tokens identical (every groundup and transformers generate row): "
               f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds")
+    if products:
+        print("\n| a vector times a matrix (`decoding_layout`) | stored, ms | laid out, ms | stored ÷ laid out |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, stored, laid_out in products:
+            print(f"| {name} | {stored:.2f} | {laid_out:.2f} | {stored / laid_out:.2f}× |")
+        print()
     if decode_ceiling:
         print(
             f"ceilings at fp32 on this CPU, whatever the library: one-token-per-pass decoding "

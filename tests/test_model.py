@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from groundup.model.gpt import GPTConfig, GPTModel, config_from_preset, init_weights
+from groundup.model.generate import generate
+from groundup.model.gpt import GPTConfig, GPTModel, config_from_preset, decoding_layout, init_weights
 from groundup.model.io import CheckpointError, load_checkpoint, save_checkpoint
+from groundup.model.loading import load_model
 from tests.conftest import ROOT
 
 
@@ -152,6 +154,44 @@ def test_checkpoint_loads_onto_the_meta_built_model_with_identical_logits(tmp_pa
     idx = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
+
+
+def test_decoding_layout_changes_strides_only(tmp_path):
+    """Wide matrices become input-major (the tied head with its embedding), the feed-forward's second layer
+    stays: the same logits, greedy tokens and checkpoint, and laying out twice changes nothing."""
+    model = tiny(tie_weights=True).eval()
+    stored = {name: t.clone() for name, t in model.state_dict().items()}
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(idx)
+    tokens = generate(model, idx, 24)
+
+    decoding_layout(model)
+    block, d = model.trf_blocks[0], model.cfg.emb_dim
+    for wide in (block.att.W_query, block.att.W_key, block.att.W_value, block.att.out_proj, block.ff.layers[0]):
+        assert wide.weight.stride() == (1, wide.out_features)
+    assert block.ff.layers[2].weight.stride() == (4 * d, 1)  # 4d inputs, d outputs: read fastest as stored
+    assert model.out_head.weight is model.tok_emb.weight and model.out_head.weight.stride() == (1, 97)
+    assert all(torch.equal(t, stored[name]) for name, t in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), logits)
+    assert torch.equal(generate(model, idx, 24), tokens)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    decoding_layout(model)
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+
+    save_checkpoint(model, tmp_path / "laid-out")  # saved as stored: the same tensors come back
+    reloaded = load_checkpoint(tmp_path / "laid-out")
+    assert all(torch.equal(t, stored[name]) for name, t in reloaded.state_dict().items())
+    assert reloaded.out_head.weight.is_contiguous()
+
+
+def test_the_inference_loader_lays_out_on_cpu_and_training_loads_as_stored(tmp_path):
+    save_checkpoint(tiny(), tmp_path / "ckpt")
+    for_decoding = load_model(tmp_path / "ckpt", "cpu")
+    assert for_decoding.out_head.weight.stride() == (1, 97)
+    assert not for_decoding.tok_emb.weight.stride() == (1, 97)  # untied: the embedding is read by rows
+    assert load_checkpoint(tmp_path / "ckpt").out_head.weight.is_contiguous()
 
 
 def test_checkpoint_of_another_config_and_corrupted_file_are_errors(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 
 from groundup.errors import ModelError
 from groundup.files import atomic_path, write_json
@@ -27,11 +27,16 @@ class CheckpointError(ModelError):
 
 
 def save_checkpoint(model: GPTModel, directory: str | Path, metadata: dict | None = None) -> Path:
-    """Write weights and config (each atomically); tied weights are stored once."""
+    """Write weights and config (each atomically); tied weights are stored once (as ``out_head.weight``).
+
+    Tensors are written row-major whatever their strides (:func:`~groundup.model.gpt.decoding_layout`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if model.cfg.tie_weights:
+        del state["tok_emb.weight"]  # the same tensor as the head
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_model(model, str(tmp), metadata={"format": "groundup-gpt"})
+        save_file(state, str(tmp), metadata={"format": "groundup-gpt"})
     write_json(directory / CONFIG_FILE, {"model": model.cfg.to_dict(), **(metadata or {})})
     return directory
 
