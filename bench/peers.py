@@ -12,8 +12,8 @@ round, each library in turn:
 - load: checkpoint directory -> model ready for inference (``load_model``, which on a CPU lays the weights out
   for decoding, and ``load_checkpoint`` alone / ``from_pretrained``);
 - generate: ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, KV cache on both sides
-  (groundup ``generate``, eager, with the weights as stored and with ``compile=True``; ``GPT2LMHeadModel.generate(do_sample=False)``,
-  sdpa attention); then both with prompt lookup (groundup ``lookahead``, transformers
+  (groundup ``generate``, eager, with the weights as stored and with ``compile=True``;
+  ``GPT2LMHeadModel.generate(do_sample=False)``, sdpa attention); then both with prompt lookup (groundup ``lookahead``, transformers
   ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
   through ``groundup.train.loop.fit`` (fused AdamW), eager and with ``train.compile``; transformers in a
@@ -187,8 +187,9 @@ def ceilings(model, args: argparse.Namespace) -> tuple[float, float]:
     """What this machine allows at fp32, whatever the library: (1) one-token-per-pass decoding, tok/s: every
     weight must be read from memory once per pass, so the time to read them all bounds a pass from below,
     taken as the faster of two full reads: a sum of each tensor, and a vector times each matrix stored
-    along its longer side (faster than a sum here; sums for the vectors); (2) training, tok/s: a step costs ~6 FLOPs per parameter per token plus attention's
-    12 * layers * context * width / 2 (causal), at the speed of one large matrix product."""
+    along its longer side (faster than a sum here; sums for the vectors); (2) training, tok/s: a step
+    costs ~6 FLOPs per parameter per token plus attention's 12 * layers * context * width / 2 (causal),
+    at the speed of one large matrix product."""
     weights = list({id(p): p for p in model.parameters()}.values())
     long_rows = [w.detach().reshape(-1, max(w.shape)).contiguous() if w.dim() == 2 else None for w in weights]
     vectors = [None if m is None else torch.ones(1, m.shape[0], device=m.device) for m in long_rows]
@@ -206,7 +207,9 @@ def ceilings(model, args: argparse.Namespace) -> tuple[float, float]:
     read_all = min(
         best_of_five(lambda: [w.sum() for w in weights]),
         best_of_five(
-            lambda: [w.sum() if m is None else v @ m for w, m, v in zip(weights, long_rows, vectors, strict=True)]
+            lambda: [
+                w.sum() if m is None else v @ m for w, m, v in zip(weights, long_rows, vectors, strict=True)
+            ]
         ),
     )
     a = torch.randn(1024, 1024, device=args.device)
@@ -501,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngreedy tokens identical (every groundup and transformers generate row): "
               f"{'yes' if all(identical) else 'NO'} in {sum(identical)}/{len(identical)} rounds")
     if products:
-        print("\n| a vector times a matrix (`decoding_layout`) | stored, ms | laid out, ms | stored ÷ laid out |")
-        print("| --- | ---: | ---: | ---: |")
+        print("\n| a vector times a matrix (`decoding_layout`) | stored, ms | laid out, ms "
+              "| stored ÷ laid out |\n| --- | ---: | ---: | ---: |")
         for name, stored, laid_out in products:
             print(f"| {name} | {stored:.2f} | {laid_out:.2f} | {stored / laid_out:.2f}× |")
         print()

@@ -116,7 +116,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``(batch, tokens, heads, head_dim)`` keys/values at ``(batch, tokens)`` positions; returns
         every slot of the layer as ``(batch, heads, max_length, head_dim)``."""
-        # Indices around a slice put their dimensions first: [rows, :, positions] addresses (batch, tokens, heads, …).
+        # Indices around a slice put their dimensions first: [rows, :, positions] addresses
+        # (batch, tokens, heads, head_dim), the shape of k and v.
         self.keys[layer][self.rows, :, positions] = k
         self.values[layer][self.rows, :, positions] = v
         return self.keys[layer], self.values[layer]
@@ -271,13 +272,13 @@ def decoding_layout(model: GPTModel) -> GPTModel:
 
     A one-token step multiplies a single vector by each matrix, which reads the whole matrix from memory;
     on a CPU (MKL) that is fastest along the matrix's longer side: 1.5-1.7x for the output head and the
-    feed-forward's first layer (``bench.peers``' ``layout_products``). Values, shapes and the state dict stay the same (a saved
-    checkpoint is the same file); only the strides change. It costs one copy of those matrices and does
-    not speed up training's matrix products, so the inference loader calls it, not training.
+    feed-forward's first layer (``bench.peers``' ``layout_products``). Values, shapes and the state dict
+    stay the same (a saved checkpoint is the same file); only the strides change. It costs one copy of
+    those matrices and does not speed up training's matrix products, so the inference loader calls it,
+    not training.
     """
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
-            weight = module.weight
-            if weight.stride() == (weight.shape[1], 1):  # still output-major (as loaded); a tied head once
-                weight.data = weight.data.t().contiguous().t()
+            if module.weight.is_contiguous():  # still output-major, as loaded (a tied head: only once)
+                module.weight.data = module.weight.data.t().contiguous().t()
     return model
