@@ -53,6 +53,9 @@ WORKER_OUTPUT_DIR = "groundup-work"
 LOCAL_PARAMETERS = {"output_dir"}
 # A placed stage whose worker crashed runs again this many times (then the pipeline fails with the crash).
 CRASH_RETRIES = 1
+# How often the dispatching task reads its stage's flow run state (run_deployment's default is 5 s): the
+# pipeline goes on at most this long after a placed stage ends.
+DISPATCH_POLL_SECONDS = 1
 
 
 def task_path(stage_task: Task) -> str:
@@ -219,7 +222,7 @@ def dispatch(stage: str, pool: str, task_path: str, arguments: dict[str, Any], o
     parameters = {"stage": stage, "task_path": task_path, "arguments": to_urls(arguments, artifacts)}
     flow_run = run_deployment(
         f"{STAGE_FLOW}/{pool}", parameters=parameters, timeout=None, as_subflow=True,
-        flow_run_name=f"{stage} on {pool}",
+        flow_run_name=f"{stage} on {pool}", poll_interval=DISPATCH_POLL_SECONDS,
     )  # fmt: skip
     if flow_run.state.is_crashed():  # the worker died (no heartbeat): worth running again on another one
         raise SourceUnreachable(

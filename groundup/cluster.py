@@ -10,7 +10,8 @@
 - the process work pools ``groundup-cpu`` and ``groundup-gpu``, each with a worker in its own directory;
 - crash detection: flow runs heartbeat every ``heartbeat_seconds`` (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``),
   and an automation (Prefect's "detect zombie flows") marks a run Crashed when none came for
-  ``crash_after_seconds``: a worker killed with its machine leaves no run Running forever.
+  ``crash_after_seconds``: a worker killed with its machine leaves no run Running forever;
+- workers that ask their pool for runs every ``worker_poll_seconds`` (``PREFECT_WORKER_QUERY_SECONDS``).
 
 Pids, ports and the environment clients need are recorded in ``<dir>/cluster.json``; ``down`` ends exactly
 those process groups. On real machines each line of :func:`client_environment` is what a worker's machine
@@ -36,6 +37,7 @@ from groundup.cluster_prefect import (
     HEARTBEAT_SECONDS,
     POOLS,
     RESULTS_BLOCK,
+    WORKER_POLL_SECONDS,
     ClusterError,
     configure_prefect,
     start_worker,
@@ -234,6 +236,7 @@ def up(
     worker_dirs: dict[str, str | Path] | None = None,
     heartbeat_seconds: int = HEARTBEAT_SECONDS,
     crash_after_seconds: float = CRASH_AFTER_SECONDS,
+    worker_poll_seconds: float = WORKER_POLL_SECONDS,
 ) -> dict:
     """Start everything (see the module docstring); returns the recorded state."""
     if heartbeat_seconds < HEARTBEAT_SECONDS or crash_after_seconds <= heartbeat_seconds:
@@ -241,6 +244,8 @@ def up(
             f"heartbeat every {heartbeat_seconds} s, crashed after {crash_after_seconds} s",
             fix=f"beat every {HEARTBEAT_SECONDS} s or more (Prefect's minimum), crash after several beats",
         )
+    if worker_poll_seconds < 1:
+        raise SettingsError(f"workers polling every {worker_poll_seconds} s", fix="poll every 1 s or more")
     directory = Path(directory).resolve()
     if any(Server(**s).alive() for s in read_state(directory).get("servers", {}).values()):
         raise SettingsError(f"a cluster is already running for {directory}", fix="groundup cluster down first")
@@ -272,6 +277,7 @@ def up(
             "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
             "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"remote-file-system/{RESULTS_BLOCK}",
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds),
+            "PREFECT_WORKER_QUERY_SECONDS": str(worker_poll_seconds),
         }  # fmt: skip
         state["environment"] = environment
         configure_prefect({**base_env, **environment}, f"s3://{bucket}/prefect-results", crash_after_seconds)

@@ -24,6 +24,10 @@ CRASH_AUTOMATION = "groundup: crash flow runs without heartbeats"
 # Prefect's smallest heartbeat interval; a run is declared crashed after three missed beats.
 HEARTBEAT_SECONDS = 30
 CRASH_AFTER_SECONDS = 90
+# How often a worker asks its pool for runs (Prefect's default is 10 s). A triggered pipeline and each stage
+# it places wait for the next query, so every hand-over cost 5 s on average; one small request every 2 s
+# per worker is nothing to a server.
+WORKER_POLL_SECONDS = 2
 
 
 class ClusterError(GroundupError):

@@ -58,22 +58,44 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
 
 @pytest.mark.slow
 def test_each_verb_refuses_a_bad_input_in_one_line(prefect_harness, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     from prefect.settings import PREFECT_API_URL
 
     # The subprocesses report to this session's Prefect API instead of starting one each.
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": ""}
     env.pop("MLFLOW_TRACKING_URI")
-    out = tmp_path / "artifacts"
-    failures = []
-    for argv, named in bad_inputs(tmp_path):
+
+    def refusal(case: tuple[int, tuple[list[str], str]]) -> str | None:
+        number, (argv, named) = case
+        out = tmp_path / f"artifacts-{number}"  # each its own: two at a time, each verb its own MLflow store
         done = subprocess.run(
             [sys.executable, "-m", "groundup.cli", *argv, "--output-dir", str(out)],
             env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         lines = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if line.startswith("groundup:")]
         if done.returncode == 0 or len(lines) != 1 or named not in lines[0] or "Traceback" in done.stderr + done.stdout:
-            failures.append(f"{argv[0]}: exit {done.returncode}, lines {lines}\n{done.stderr[-2000:]}")
+            return f"{argv[0]}: exit {done.returncode}, lines {lines}\n{done.stderr[-2000:]}"
+        return None
+
+    # Two at a time: most of each command is Python importing its modules, one core's work.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(refusal, enumerate(bad_inputs(tmp_path))) if f]
     assert not failures, "\n\n".join(failures)
+
+
+def test_cluster_up_refuses_settings_it_cannot_keep_before_starting_anything(tmp_path):
+    from groundup import cluster
+    from groundup.errors import SettingsError
+
+    for settings, named in [
+        ({"heartbeat_seconds": 5}, "heartbeat every 5 s"),
+        ({"crash_after_seconds": 30}, "crashed after 30 s"),
+        ({"worker_poll_seconds": 0}, "polling every 0 s"),
+    ]:
+        with pytest.raises(SettingsError, match=named):
+            cluster.up(tmp_path, **settings)
+    assert not list(tmp_path.iterdir())
 
 
 def test_restarting_the_worker_of_a_cluster_that_is_not_up_says_so_in_one_line(tmp_path, capsys):

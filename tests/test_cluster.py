@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from groundup import cluster
+from groundup.cluster_prefect import WORKER_POLL_SECONDS
 from groundup.serving import Server
 from tests.pipeline_fixtures import judge_reply, sources_dir, tiny_config, tiny_gpt2_dir
 from tests.s3_fixtures import kill_machine, stop_process_group
@@ -93,6 +94,9 @@ def test_cluster_up_runs_both_servers_on_postgresql_and_the_store_on_s3(rehearsa
     api = PrefectAPI(env["PREFECT_API_URL"])
     for pool in cluster.POOLS:
         assert api.call("GET", f"/work_pools/{pool}")["type"] == "process"
+        # Each worker asks for runs every WORKER_POLL_SECONDS, not Prefect's 10 s.
+        worker_environ = Path(f"/proc/{state['servers'][f'worker-{pool}']['pid']}/environ").read_bytes()
+        assert f"PREFECT_WORKER_QUERY_SECONDS={WORKER_POLL_SECONDS}".encode() in worker_environ.split(b"\0")
         workers = api.call("POST", f"/work_pools/{pool}/workers/filter", {})
         assert [w["status"] for w in workers] == ["ONLINE"]
     # MLflow clients write run artifacts straight to the bucket.
