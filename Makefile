@@ -55,7 +55,7 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check groundup tests bench
 
-BENCHES := tokenize train generate load_weights finetune responses judge pipeline startup peers
+BENCHES := tokenize train generate load_weights finetune responses judge pipeline startup peers allocator
 
 bench: $(TEST_STAMP)
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
