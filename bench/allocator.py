@@ -7,8 +7,9 @@ embedding's gradient. Three of glibc's own environment variables keep that memor
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1000000000
 
 They are read once when a process starts, so the two variants cannot share one process: each round runs
-the same steps (forward, loss, backward, fused AdamW; GPT-2's dropout 0.1; after two untimed steps) in a
-process of its own for each variant, one after the other, and compares seconds per step within the round.
+the same steps (``bench.peers``' plain loop: forward, loss, backward, fused AdamW; GPT-2's dropout 0.1;
+after two untimed steps) in a process of its own for each variant, one after the other, and compares
+seconds per step within the round.
 
     python -m bench.allocator                       # gpt-mini and gpt2-small, ~5 min on a 2-core CPU
 """
@@ -27,28 +28,6 @@ KEEP_FREED_MEMORY = {
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
     "MALLOC_TOP_PAD_": "1000000000",
 }
-STEPS = """
-import sys, time, torch
-from groundup.model.gpt import GPTModel, config_from_preset, init_weights
-from groundup.train.loop import lm_loss
-preset, (threads, steps, rows, tokens) = sys.argv[1], map(int, sys.argv[2:6])
-torch.set_num_threads(threads)
-cfg = config_from_preset(preset, drop_rate=0.1)
-model = init_weights(GPTModel(cfg), seed=0).train()
-optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
-shape = (rows, min(tokens, cfg.context_length) + 1)
-batch = torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(0))
-def step():
-    lm_loss(model(batch[:, :-1]), batch[:, 1:]).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-for _ in range(2):
-    step()
-started = time.perf_counter()
-for _ in range(steps):
-    step()
-print((time.perf_counter() - started) / steps)
-"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +38,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tokens", type=int, default=256, help="tokens per row (at most the context length)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each process")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # a preset: time its steps in this process
     return p.parse_args(argv)
+
+
+def time_steps_here(args: argparse.Namespace) -> float:
+    """Seconds per step of ``bench.peers``' plain training loop, in this process."""
+    import torch
+
+    from bench.peers import train_in_plain_loop
+    from groundup.model.gpt import GPTModel, config_from_preset, init_weights
+
+    torch.set_num_threads(args.threads)
+    model = init_weights(GPTModel(config_from_preset(args.child, drop_rate=0.1)), seed=0)
+    steps = argparse.Namespace(device="cpu", warmup=2, steps=args.steps, batch=args.batch,
+                               context=min(args.tokens, model.cfg.context_length))  # fmt: skip
+    tokens_per_second, _ = train_in_plain_loop(model, steps, model)
+    return steps.batch * steps.context / tokens_per_second
 
 
 def seconds_per_step(preset: str, args: argparse.Namespace, keep_freed_memory: bool) -> float:
@@ -67,8 +62,8 @@ def seconds_per_step(preset: str, args: argparse.Namespace, keep_freed_memory: b
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if keep_freed_memory:
         env.update(KEEP_FREED_MEMORY)
-    argv = [sys.executable, "-c", STEPS, preset, str(args.threads), str(args.steps), str(args.batch),
-            str(args.tokens)]  # fmt: skip
+    argv = [sys.executable, "-m", "bench.allocator", "--child", preset, "--threads", str(args.threads),
+            "--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens)]  # fmt: skip
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the training steps of {preset} failed:\n{done.stderr[-3000:]}")
@@ -77,6 +72,9 @@ def seconds_per_step(preset: str, args: argparse.Namespace, keep_freed_memory: b
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.child:
+        print(time_steps_here(args))
+        return
     rows = []
     for preset in args.presets:
         for round_ in range(1, args.rounds + 1):
