@@ -17,8 +17,9 @@ round, each library in turn:
   ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
   through ``groundup.train.loop.fit`` (fused AdamW), eager and with ``train.compile``; transformers in a
-  plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``), and groundup's
-  model in that same loop (what the model costs without ``fit``).
+  plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``), also with freed
+  memory kept in the process as ``fit`` keeps it on a CPU (``groundup.train.cpu_memory``), and groundup's
+  model in that same plain loop (what the model costs without ``fit``).
 
 First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
 memory is the process's resident size sampled every 2 ms during a measurement, above its start. Each round
@@ -301,11 +302,17 @@ def train_groundup(directory: Path, args: argparse.Namespace, compile: bool) -> 
     ), memory.peak
 
 
-def train_transformers(directory: Path, args: argparse.Namespace) -> tuple[float, int]:
+def train_transformers(
+    directory: Path, args: argparse.Namespace, keep_freed_memory: bool = False
+) -> tuple[float, int]:
+    """transformers in a plain loop; ``keep_freed_memory``: with the allocator setting ``fit`` uses on CPUs."""
     from transformers import GPT2LMHeadModel
 
+    from groundup.train.cpu_memory import freed_memory_kept
+
     model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa")
-    return train_in_plain_loop(model, args, lambda inputs: model(inputs).logits)
+    with freed_memory_kept(keep_freed_memory):
+        return train_in_plain_loop(model, args, lambda inputs: model(inputs).logits)
 
 
 def train_groundup_plain(directory: Path, args: argparse.Namespace) -> tuple[float, int]:
@@ -447,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name, train in (
                     ("train", lambda: train_groundup(ours_dir, args, False)),
                     ("train ref", lambda: train_transformers(hf_dir, args)),
+                    ("train ref kept", lambda: train_transformers(hf_dir, args, keep_freed_memory=True)),
                     ("train plain", lambda: train_groundup_plain(ours_dir, args)),
                     ("train compile", lambda: train_groundup(ours_dir, args, True)),
                 ):
-                    if name == "train compile" and not compile_too:
+                    if (name == "train compile" and not compile_too) or (name == "train ref kept" and gpu):
                         continue
                     speed, peak = train()
                     speeds[name].append(speed)
@@ -496,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         f"train, batch {args.batch} × {args.context}" + (", bf16-mixed" if gpu else ", fp32"),
         "train",
         "train ref",
+        "tok/s",
+    )
+    row(
+        "… transformers with freed memory kept as well (what `fit` does on a CPU, `cpu_memory`)",
+        "train",
+        "train ref kept",
         "tok/s",
     )
     row("… groundup's model in transformers' plain loop (no `fit`)", "train plain", "train ref", "tok/s")

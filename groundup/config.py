@@ -67,6 +67,12 @@ class RuntimeConfig(Settings):
         "Empty: '32-true' on CPU, 'bf16-mixed' on GPUs with bf16 support.",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    keep_freed_memory: bool = Field(
+        True,
+        description="On a CPU with glibc (Linux): keep freed memory in the process while training, so a "
+        "step reuses its large temporaries instead of page-faulting them in again; given back when "
+        "training ends.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

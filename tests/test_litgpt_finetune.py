@@ -19,6 +19,7 @@ from groundup.instruct import litgpt_checkpoints, litgpt_engine
 from groundup.instruct.litgpt_checkpoints import BaseModelError
 from groundup.instruct.litgpt_process import LitGPTError
 from groundup.instruct.prompts import format_prompt
+from groundup.train import cpu_memory
 
 ENTRY = {
     "instruction": "Rewrite the sentence using a simile.",
@@ -70,7 +71,9 @@ def test_cpu_placement_hides_gpus_and_uses_32_bit():
     placement = litgpt_engine.resolve_placement(cpu_config())
     assert placement.accelerator == "cpu"
     assert placement.precision == "32-true"
-    assert placement.env == {"LT_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    assert placement.env == {"LT_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", **cpu_memory.environment()}
+    released = cpu_config(runtime={"accelerator": "cpu", "keep_freed_memory": False})
+    assert litgpt_engine.resolve_placement(released).env == {"LT_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     chosen = cpu_config(runtime={"accelerator": "cpu", "precision": "bf16-true"})
     assert litgpt_engine.resolve_placement(chosen).precision == "bf16-true"
 

@@ -45,6 +45,7 @@ from groundup.instruct.litgpt_process import (
     progress_forwarder,
     run_litgpt,
 )
+from groundup.train import cpu_memory
 from groundup.train.plots import save_loss_plot
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,6 +82,8 @@ def resolve_placement(config: FinetuneConfig) -> Placement:
     env = {"LT_ACCELERATOR": accelerator}
     if accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        if runtime.keep_freed_memory:  # read by glibc when the subprocess starts
+            env.update(cpu_memory.environment())
     return Placement(accelerator, precision, env)
 
 def iterations_per_epoch(n_train: int, config: FinetuneConfig) -> int:

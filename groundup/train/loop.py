@@ -45,6 +45,7 @@ from groundup import devices
 from groundup.config import RuntimeConfig, TrainConfig
 from groundup.errors import SettingsError
 from groundup.model.io import CheckpointError, load_state, read_config, save_checkpoint
+from groundup.train import cpu_memory
 from groundup.train.launch import is_launched
 from groundup.train.state import (
     EvalPoint,
@@ -513,7 +514,8 @@ def train_in(
         resumed_from = trainer.progress.step
         log.info("resuming %s from step %d", run.root, resumed_from)
     wrapped.train()
-    trainer.run_to_end()
+    with cpu_memory.freed_memory_kept(runtime.accelerator == "cpu" and settings.runtime.keep_freed_memory):
+        trainer.run_to_end()
     checkpoint = trainer.save_final()
     speed = trainer.session_tokens / trainer.session_seconds if trainer.session_seconds else None
     return TrainResult(
