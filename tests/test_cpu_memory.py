@@ -61,6 +61,21 @@ def test_freed_memory_is_reused_inside_and_given_back_after():
         assert not kept and not cpu_memory.is_kept()
 
 
+def test_off_the_main_thread_large_blocks_are_mapped_afresh_whatever_the_setting():
+    # Why a CPU training run started on a worker thread moves to a process of its own (loop.needs_own_process):
+    # glibc's per-thread arenas serve blocks over 64 MB by mmap even with mmap switched off.
+    import threading
+
+    faults: list[int] = []
+    with cpu_memory.freed_memory_kept():
+        assert faults_of_a_second_block() < PAGES * 0.05
+        worker = threading.Thread(target=lambda: faults.append(faults_of_a_second_block()))
+        worker.start()
+        worker.join()
+    assert cpu_memory.on_main_thread()  # pytest runs tests on the main thread
+    assert faults[0] > PAGES * 0.9
+
+
 def test_a_process_started_with_the_environment_keeps_freed_memory():
     # LitGPT's finetuning subprocess gets the setting this way: glibc reads it when the process starts.
     def faults(env: dict[str, str]) -> int:

@@ -105,6 +105,53 @@ def test_two_devices_pretrain_in_a_launched_subprocess(verdict_parquet, gpt2_voc
     assert load_checkpoint(result.checkpoint).cfg.context_length == 32
 
 
+def test_cpu_pretraining_off_the_main_thread_runs_in_its_own_process_and_reports_back(
+    verdict_parquet, gpt2_vocab_dir, tmp_path
+):
+    # A Prefect task trains on a worker thread, where glibc would map large blocks afresh every step
+    # (test_cpu_memory); the run moves to a launched process and its hooks still fire here, as it goes.
+    import threading
+
+    from groundup.train.loop import TrainHooks
+
+    calls: list[tuple] = []
+    hooks = TrainHooks(
+        on_eval=lambda point: calls.append(("eval", point.step, threading.current_thread().name)),
+        on_sample=lambda sample: calls.append(("sample", sample["epoch"])),
+        on_progress=lambda done, total: calls.append(("progress", done, total)),
+        on_checkpoint=lambda path, progress: calls.append(("checkpoint", path.is_dir(), progress.step)),
+    )
+    config = small_config(gpt2_vocab_dir, "train.max_steps=7", "train.eval_freq=3", "train.checkpoint_every=5")
+    results: list = []
+    worker = threading.Thread(
+        target=lambda: results.append(pretrain_gpt(verdict_parquet, config, tmp_path, hooks=hooks)), name="task"
+    )
+    worker.start()
+    worker.join()
+    (result,) = results
+    events = (tmp_path / "checkpoints").glob("*/launch-events.jsonl")
+    assert len(list(events)) == 1  # it ran launched
+    assert [c for c in calls if c[0] == "progress"] == [("progress", step, 7) for step in range(1, 8)]
+    assert [c for c in calls if c[0] == "eval"] == [("eval", e["step"], "task") for e in result.evals]
+    assert [e["step"] for e in result.evals] == [1, 4, 7]
+    assert ("checkpoint", True, 5) in calls and ("sample", 1) in calls
+    assert result.steps == 7 and load_checkpoint(result.checkpoint).cfg.context_length == 32
+
+    # On the main thread, or with the setting off, it trains in this process.
+    from groundup.train.loop import needs_own_process, resolve_runtime
+
+    runtime = resolve_runtime(config.train.runtime)
+    assert not needs_own_process(config.train.runtime, runtime)
+    outcome: list[bool] = []
+    released = config.train.runtime.model_copy(update={"keep_freed_memory": False})
+    worker = threading.Thread(target=lambda: outcome.extend(
+        [needs_own_process(config.train.runtime, runtime), needs_own_process(released, runtime)]
+    ))  # fmt: skip
+    worker.start()
+    worker.join()
+    assert outcome == [True, False]
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [

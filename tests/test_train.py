@@ -287,6 +287,45 @@ def test_launch_command_reexecutes_only_the_job(tmp_path):
         launch.run_launched("tests.test_train", {}, tmp_path)
 
 
+def wait_in_a_launched_process(pid_file: str) -> None:
+    """The body of the launched process below: note its pid, report one event, then wait to be ended."""
+    Path(pid_file).write_text(str(os.getpid()))
+    launch.send_event("started", {"pid": os.getpid()})
+    time.sleep(120)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux) to see the process end")
+def test_a_launched_process_reports_as_it_goes_and_ends_with_its_parent(tmp_path):
+    # The parent stands for a work-pool worker that is killed mid-run: its launched run must not go on.
+    parent_code = (
+        "import sys; from groundup.train import launch; "
+        "launch.run_launched('tests.test_train:wait_in_a_launched_process', {'pid_file': sys.argv[1]}, "
+        "sys.argv[2], on_event=lambda kind, payload: print(kind, payload['pid'], flush=True))"
+    )
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(pid_file), str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert parent.stdout.readline().split()[0] == "started"  # the event reached the parent
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _is_running(child):
+            time.sleep(0.2)
+        assert not _is_running(child), "the launched process outlived its parent"
+    finally:
+        parent.kill()
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status is left to collect
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_train_with_ddp_through_the_launcher(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the launched command imports this test module

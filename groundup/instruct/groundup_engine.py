@@ -42,8 +42,8 @@ from groundup.model.gpt import GPTModel
 from groundup.model.io import load_checkpoint
 from groundup.model.lora import apply_lora, base_reference, load_lora_weights, save_adapter
 from groundup.text.tokenizers import get_tokenizer
-from groundup.train.launch import is_launched, run_launched
-from groundup.train.loop import TrainHooks, TrainingError, fit, resolve_runtime
+from groundup.train.launch import run_launched
+from groundup.train.loop import TrainHooks, TrainingError, fit, needs_own_process, resolve_runtime
 from groundup.train.plots import save_loss_plot
 from groundup.train.state import Progress
 
@@ -209,12 +209,11 @@ def finetune_gpt(
     ``val_fraction`` of them (chosen with ``seed``, as the LitGPT engine does) are held out for validation.
     ``base_model_ref`` (e.g. ``gpt2-124m/1``) is recorded in the adapter so it can find its base through the
     registry. A killed run resumes from its last checkpoint in ``out_dir/run``; a finished one is returned.
-    More than one device runs in processes of their own (``groundup.train.launch``); ``hooks`` then do not
-    fire, and the result's progress holds the whole evaluation history.
+    More than one device, or a CPU off the main thread, runs in a process of its own
+    (:func:`needs_own_process`); ``hooks`` are called here all the same, as that process reports.
     """
     check_supported(config)
-    multi_device = resolve_runtime(config.runtime, "finetune.runtime").world_size > 1
-    if multi_device and not is_launched():
+    if needs_own_process(config.runtime, resolve_runtime(config.runtime, "finetune.runtime")):
         job = {
             "base_dir": str(base_dir),
             "train_path": str(train_path),
@@ -225,7 +224,9 @@ def finetune_gpt(
             "base_model_ref": base_model_ref,
         }
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return GroundupFinetuneResult.from_dict(run_launched(f"{__name__}:launched_finetune", job, out_dir))
+        hooks = hooks or TrainHooks()
+        launched = run_launched(f"{__name__}:launched_finetune", job, out_dir, on_event=hooks.replay)
+        return GroundupFinetuneResult.from_dict(launched)
 
     out_dir = Path(out_dir)
     tokenizer = tokenizer or get_tokenizer(TOKENIZER)
@@ -297,8 +298,8 @@ def _load_base(directory: str | Path, tokenizer: tiktoken.Encoding) -> GPTModel:
 
 
 def launched_finetune(config: dict[str, Any], **job: Any) -> dict[str, Any] | None:
-    """One rank of a multi-device run, started by ``groundup.train.launch``; rank zero returns the result."""
-    result = finetune_gpt(config=FinetuneConfig.model_validate(config), **job)
+    """One rank of a launched run (``groundup.train.launch``); rank zero returns the result."""
+    result = finetune_gpt(config=FinetuneConfig.model_validate(config), hooks=TrainHooks.to_parent(), **job)
     return result.to_dict() if result.is_global_zero else None
 
 

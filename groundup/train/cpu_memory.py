@@ -48,6 +48,14 @@ def supported() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+def on_main_thread() -> bool:
+    """Whether this is the process's main thread, the one whose large blocks these options keep. glibc
+    gives other threads arenas of their own, which serve any block over 64 MB with ``mmap`` and unmap it
+    when it is freed, whatever ``mallopt`` says; a training run off the main thread is moved to a process
+    of its own instead (:func:`groundup.train.loop.needs_own_process`)."""
+    return threading.current_thread() is threading.main_thread()
+
+
 def is_kept() -> bool:
     """Whether freed memory is kept right now (a training run is inside :func:`freed_memory_kept`)."""
     return _holders > 0

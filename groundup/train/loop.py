@@ -16,7 +16,8 @@ What it adds to the workshop's loop, and why:
   for LoRA.
 
 Fabric launches multi-device runs by re-executing ``sys.argv``, which must not be a Prefect flow or a test
-runner: runs with more than one device go through :func:`groundup.train.launch.run_launched`.
+runner: runs with more than one device go through :func:`groundup.train.launch.run_launched`, as do CPU
+runs started off the main thread (:func:`needs_own_process`), with their hooks called back in the parent.
 
 Over 350 lines on purpose: the loop, its batch order and its checkpoint/resume logic depend on each other's
 details (which batch of which epoch, which random state), and read best side by side.
@@ -31,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +47,7 @@ from groundup.config import RuntimeConfig, TrainConfig
 from groundup.errors import SettingsError
 from groundup.model.io import CheckpointError, load_state, read_config, save_checkpoint
 from groundup.train import cpu_memory
-from groundup.train.launch import is_launched
+from groundup.train.launch import is_launched, send_event
 from groundup.train.state import (
     EvalPoint,
     Progress,
@@ -83,6 +84,17 @@ class Runtime:
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes
+
+
+def needs_own_process(config: RuntimeConfig, runtime: Runtime) -> bool:
+    """Whether a run has to be started in a process of its own (:func:`groundup.train.launch.run_launched`):
+    with more than one device, because Fabric starts the other ranks by re-running the command; and on a
+    CPU keeping freed memory (``keep_freed_memory``) when called off the main thread, because glibc serves
+    a thread's blocks over 64 MB by mmap whatever ``mallopt`` says (:mod:`groundup.train.cpu_memory`)."""
+    if is_launched():
+        return False
+    keeps_memory = runtime.accelerator == "cpu" and config.keep_freed_memory
+    return runtime.world_size > 1 or (keeps_memory and cpu_memory.supported() and not cpu_memory.on_main_thread())
 
 
 def resolve_runtime(config: RuntimeConfig, setting: str = "train.runtime") -> Runtime:
@@ -144,6 +156,27 @@ class TrainHooks:
     on_sample: Callable[[dict[str, Any]], None] | None = None
     on_progress: Callable[[int, int], None] | None = None  # (optimizer steps done, total)
     on_checkpoint: Callable[[Path, Progress], None] | None = None
+
+    @classmethod
+    def to_parent(cls) -> TrainHooks:
+        """In a launched process: hooks that report every call to the parent (:func:`launch.send_event`)."""
+        return cls(
+            on_eval=lambda point: send_event("eval", asdict(point)),
+            on_sample=lambda sample: send_event("sample", sample),
+            on_progress=lambda done, total: send_event("progress", [done, total]),
+            on_checkpoint=lambda path, progress: send_event("checkpoint", [str(path), progress.to_dict()]),
+        )
+
+    def replay(self, kind: str, payload: Any) -> None:
+        """In the parent: call the hook a launched process reported through :meth:`to_parent`."""
+        if kind == "eval" and self.on_eval:
+            self.on_eval(EvalPoint(**payload))
+        elif kind == "sample" and self.on_sample:
+            self.on_sample(payload)
+        elif kind == "progress" and self.on_progress:
+            self.on_progress(*payload)
+        elif kind == "checkpoint" and self.on_checkpoint:
+            self.on_checkpoint(Path(payload[0]), Progress.from_dict(payload[1]))
 
 
 @dataclass

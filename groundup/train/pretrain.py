@@ -23,8 +23,8 @@ from groundup.model.generate import generate
 from groundup.model.gpt import GPTConfig, GPTModel, config_from_preset, init_weights
 from groundup.text.tokenizers import get_tokenizer, text_to_token_ids, token_ids_to_text
 from groundup.text.windows import create_dataloaders
-from groundup.train.launch import is_launched, run_launched
-from groundup.train.loop import Runtime, TrainHooks, TrainingError, fit, resolve_runtime
+from groundup.train.launch import run_launched
+from groundup.train.loop import Runtime, TrainHooks, TrainingError, fit, needs_own_process, resolve_runtime
 from groundup.train.plots import save_loss_plot
 from groundup.train.state import EvalPoint
 
@@ -132,8 +132,9 @@ def pretrain_gpt(
 ) -> PretrainResult | None:
     """Pretrain on the tokens in ``parquet``; the checkpoint lands under ``<output_dir>/checkpoints/``.
 
-    Returns None only on the non-zero ranks of a multi-device run. With more than one device the run
-    happens in a launched subprocess (see :mod:`groundup.train.launch`); ``hooks`` then only see the end.
+    Returns None only on the non-zero ranks of a multi-device run. With more than one device, or on a CPU
+    off the main thread, the run happens in a launched subprocess (see :func:`needs_own_process`); ``hooks``
+    are called here all the same, as the subprocess reports.
     """
     plan = plan_pretraining(config)
     cfg = plan.gpt
@@ -145,11 +146,12 @@ def pretrain_gpt(
         "model": cfg.to_dict(),
     }
     run_dir = run_directory(output_dir, identity, config)
-    if plan.runtime.world_size > 1 and not is_launched():
+    if needs_own_process(config.train.runtime, plan.runtime):
         run_dir.mkdir(parents=True, exist_ok=True)
         job = {"parquet": str(parquet), "config": config.model_dump(mode="json"), "output_dir": str(output_dir),
                "parquet_sha256": parquet_sha256}
-        return PretrainResult(**run_launched(f"{__name__}:launched_pretrain", job, run_dir))
+        hooks = hooks or TrainHooks()
+        return PretrainResult(**run_launched(f"{__name__}:launched_pretrain", job, run_dir, on_event=hooks.replay))
 
     train_loader, val_loader = create_dataloaders(
         parquet, max_length=plan.max_length, stride=plan.stride, batch_size=config.train.batch_size,
@@ -185,6 +187,9 @@ def pretrain_gpt(
 
 
 def launched_pretrain(parquet: str, config: dict[str, Any], output_dir: str, parquet_sha256: str) -> dict | None:
-    """Entry point of every rank of a multi-device run (``python -m groundup.train.launch``)."""
-    result = pretrain_gpt(parquet, PretrainConfig.model_validate(config), output_dir, parquet_sha256=parquet_sha256)
+    """Entry point of every rank of a launched run (``python -m groundup.train.launch``)."""
+    result = pretrain_gpt(
+        parquet, PretrainConfig.model_validate(config), output_dir, hooks=TrainHooks.to_parent(),
+        parquet_sha256=parquet_sha256,
+    )
     return result.to_dict() if result is not None else None
