@@ -71,7 +71,8 @@ class RuntimeConfig(Settings):
         True,
         description="On a CPU with glibc (Linux): keep freed memory in the process while training, so a "
         "step reuses its large temporaries instead of page-faulting them in again; given back when "
-        "training ends.",
+        "training ends. glibc keeps them for the main thread only: a run started on another thread (a "
+        "Prefect task) trains in a process of its own.",
     )
 
 
