@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import platform
 import threading
@@ -33,16 +34,17 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 _KEPT = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 1 << 30}
 # glibc's defaults for mmap count and top pad, and the steady state of its dynamic thresholds.
 _RELEASED = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20, M_TOP_PAD: 128 << 10}
+# The same options as glibc reads them from the environment when a process starts.
 _ENVIRONMENT = {
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TOP_PAD_": str(1 << 30),
+    f"MALLOC_{name}_": str(_KEPT[option])
+    for name, option in (("MMAP_MAX", M_MMAP_MAX), ("TRIM_THRESHOLD", M_TRIM_THRESHOLD), ("TOP_PAD", M_TOP_PAD))
 }
 
 _lock = threading.Lock()
 _holders = 0  # training runs in this process inside freed_memory_kept (Prefect runs tasks in threads)
 
 
+@functools.cache  # platform.libc_ver() reads the Python executable
 def supported() -> bool:
     """Whether this process allocates with glibc, the only allocator these options exist for."""
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

@@ -75,13 +75,11 @@ def run_launched(
     try:
         while child.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                child.kill()
-                child.wait()
                 raise subprocess.TimeoutExpired(child.args, timeout)
             events.deliver()
             time.sleep(0.2)
     finally:
-        if child.poll() is None:  # the parent is being interrupted: do not leave the run behind
+        if child.poll() is None:  # timed out, a hook raised, or the parent is interrupted: end the run too
             child.kill()
             child.wait()
     events.deliver()

@@ -93,8 +93,12 @@ def needs_own_process(config: RuntimeConfig, runtime: Runtime) -> bool:
     a thread's blocks over 64 MB by mmap whatever ``mallopt`` says (:mod:`groundup.train.cpu_memory`)."""
     if is_launched():
         return False
-    keeps_memory = runtime.accelerator == "cpu" and config.keep_freed_memory
-    return runtime.world_size > 1 or (keeps_memory and cpu_memory.supported() and not cpu_memory.on_main_thread())
+    return runtime.world_size > 1 or (keeps_freed_memory(config, runtime) and not cpu_memory.on_main_thread())
+
+
+def keeps_freed_memory(config: RuntimeConfig, runtime: Runtime) -> bool:
+    """Whether the run keeps freed memory while it trains: on a CPU with glibc, ``keep_freed_memory`` set."""
+    return runtime.accelerator == "cpu" and config.keep_freed_memory and cpu_memory.supported()
 
 
 def resolve_runtime(config: RuntimeConfig, setting: str = "train.runtime") -> Runtime:
@@ -547,7 +551,7 @@ def train_in(
         resumed_from = trainer.progress.step
         log.info("resuming %s from step %d", run.root, resumed_from)
     wrapped.train()
-    with cpu_memory.freed_memory_kept(runtime.accelerator == "cpu" and settings.runtime.keep_freed_memory):
+    with cpu_memory.freed_memory_kept(keeps_freed_memory(settings.runtime, runtime)):
         trainer.run_to_end()
     checkpoint = trainer.save_final()
     speed = trainer.session_tokens / trainer.session_seconds if trainer.session_seconds else None
