@@ -21,6 +21,9 @@ round, each library in turn:
   memory kept in the process as ``fit`` keeps it on a CPU (``groundup.train.cpu_memory``), and groundup's
   model in that same plain loop (what the model costs without ``fit``).
 
+On a CPU it also prints how much of a one-token decoding step is its matrix products, and what narrower
+weights (bf16, int8) would buy those products here (``narrow_products``; ``--skip narrow`` leaves it out).
+
 First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
 memory is the process's resident size sampled every 2 ms during a measurement, above its start. Each round
 on a CPU also measures what the machine allows at fp32, whatever the library (see ``ceilings``).
@@ -64,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="untimed training steps before the timed ones (the first steps allocate, compiling takes two)",
     )
-    p.add_argument("--skip", nargs="*", default=[], choices=["load", "generate", "train", "compile"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["load", "generate", "train", "compile", "narrow"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--lookahead",
@@ -221,34 +224,127 @@ def ceilings(model, args: argparse.Namespace) -> tuple[float, float]:
     return 1 / read_all, flops_per_second / (6 * parameters + attention)
 
 
+def matrix_kinds(cfg) -> dict[str, tuple[int, int, int]]:
+    """Each kind of weight matrix of a one-token step: (outputs, inputs, how many a step multiplies)."""
+    d = cfg.emb_dim
+    return {
+        "output head": (cfg.vocab_size, d, 1),
+        "query / key / value / attention output": (d, d, 4 * cfg.n_layers),
+        "feed-forward, first layer": (4 * d, d, cfg.n_layers),
+        "feed-forward, second layer": (d, 4 * d, cfg.n_layers),
+    }
+
+
+def from_memory_ms(products: dict[str, Callable[[int], object]], copies: int) -> dict[str, float]:
+    """ms per product, best of three: each product is run over ``copies`` different weights in turn
+    (``product(i)``), enough of them (``copies_past_cache``) that they come from memory, as in a real step,
+    not from the CPU's cache."""
+    best: dict[str, float] = {}
+    for _ in range(3):
+        for label, product in products.items():
+            started = time.perf_counter()
+            for i in range(copies):
+                product(i)
+            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - started) / copies * 1e3)
+    return best
+
+
+def copies_past_cache(outputs: int, inputs: int) -> int:
+    return max(2, int(400e6 // (outputs * inputs * 4)))  # ~400 MB of fp32: well past any cache
+
+
 def layout_products(model) -> list[tuple[str, float, float]]:
     """What ``decoding_layout`` is for: a vector times each kind of weight matrix, ms per product, stored
-    output-major (as loaded) and input-major (laid out). Enough copies of each are cycled through that
-    they come from memory, as in a real step, not from the CPU's cache."""
+    output-major (as loaded) and input-major (laid out)."""
+    rows = []
+    for name, (outputs, inputs, _) in matrix_kinds(model.cfg).items():
+        ms = layout_ms(outputs, inputs)
+        rows.append((f"{name} ({outputs} × {inputs})", ms["stored"], ms["laid out"]))
+    return rows
+
+
+def layout_ms(outputs: int, inputs: int) -> dict[str, float]:
     import torch.nn.functional as F
 
-    cfg = model.cfg
-    d = cfg.emb_dim
-    kinds = {
-        "output head": (cfg.vocab_size, d),
-        "query / key / value / attention output": (d, d),
-        "feed-forward, first layer": (4 * d, d),
-        "feed-forward, second layer": (d, 4 * d),
-    }
+    copies = copies_past_cache(outputs, inputs)
+    stored = [torch.randn(outputs, inputs) for _ in range(copies)]
+    laid_out = [w.t().contiguous().t() for w in stored]
+    x = torch.randn(1, inputs)
+    return from_memory_ms(
+        {"stored": lambda i: F.linear(x, stored[i]), "laid out": lambda i: F.linear(x, laid_out[i])}, copies
+    )
+
+
+NARROW_FORMATS = ("fp32", "bf16", "int8, `_weight_int8pack_mm`", "int8, compiled")
+
+
+def narrow_products(model) -> list[tuple[str, dict[str, float]]]:
+    """Fewer bytes per token: would narrower weights pay on this CPU? A vector times each kind of weight
+    matrix, ms per product, with the weights in fp32 (what groundup and transformers decode with), bf16
+    (half the bytes) and int8 with one scale per output (a quarter), the int8 product through PyTorch's
+    weight-only kernel and through one that ``torch.compile`` generates (dequantize, multiply, sum). Both
+    narrower formats round the weights, so the tokens change: this measures what they would buy, it is not
+    an option of groundup's. The last row adds the kinds up as a one-token step multiplies them."""
+
+    def dequantized_product(x, weight, scales):
+        return (weight.to(x.dtype) * x).sum(-1) * scales
+
+    compiled = torch.compile(dequantized_product, dynamic=False)
     rows = []
-    for name, (outputs, inputs) in kinds.items():
-        copies = max(2, int(400e6 // (outputs * inputs * 4)))  # ~400 MB: well past any cache
-        stored = [torch.randn(outputs, inputs) for _ in range(copies)]
-        laid_out = [w.t().contiguous().t() for w in stored]
-        x = torch.randn(1, inputs)
-        best = {}
-        for label, weights in (("stored", stored), ("laid out", laid_out)) * 3:
-            started = time.perf_counter()
-            for w in weights:
-                F.linear(x, w)
-            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - started) / copies * 1e3)
-        rows.append((f"{name} ({outputs} × {inputs})", best["stored"], best["laid out"]))
+    step = dict.fromkeys(NARROW_FORMATS, 0.0)
+    for name, (outputs, inputs, per_step) in matrix_kinds(model.cfg).items():
+        ms = narrow_ms(outputs, inputs, compiled)
+        rows.append((f"{name} ({outputs} × {inputs})", ms))
+        for label in NARROW_FORMATS:
+            step[label] += ms[label] * per_step
+    rows.append((f"one token's products ({model.cfg.n_layers} layers and the head)", step))
     return rows
+
+
+def narrow_ms(outputs: int, inputs: int, compiled: Callable) -> dict[str, float]:
+    import torch.nn.functional as F
+
+    copies = copies_past_cache(outputs, inputs)
+    fp32 = [torch.randn(outputs, inputs) * 0.02 for _ in range(copies)]
+    bf16 = [w.to(torch.bfloat16) for w in fp32]
+    scales = [w.abs().amax(dim=1) / 127 for w in fp32]
+    int8 = [torch.round(w / s.unsqueeze(1)).to(torch.int8) for w, s in zip(fp32, scales, strict=True)]
+    x = torch.randn(1, inputs)
+    x_bf16 = x.to(torch.bfloat16)
+    compiled(x[0], int8[0], scales[0])  # compiles once per shape, untimed
+    return from_memory_ms(
+        {
+            "fp32": lambda i: F.linear(x, fp32[i]),
+            "bf16": lambda i: F.linear(x_bf16, bf16[i]),
+            "int8, `_weight_int8pack_mm`": lambda i: torch.ops.aten._weight_int8pack_mm(x, int8[i], scales[i]),
+            "int8, compiled": lambda i: compiled(x[0], int8[i], scales[i]),
+        },
+        copies,
+    )
+
+
+def step_in_products(model, prompt: torch.Tensor) -> tuple[float, float]:
+    """How much of a one-token decoding step is its matrix products: (ms a step, ms of the same products on
+    their own, every Linear of the model once, in order). Best of six, the first of which warms up."""
+    from groundup.model.generate import decode_step
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {n: torch.randn(1, 1, n) for n in {m.in_features for m in linears}}
+    cache = model.new_cache(1, prompt.shape[1] + 100)
+    best = {"step": float("inf"), "products": float("inf")}
+    with torch.no_grad():
+        model(prompt, cache)
+        token, position = prompt[:, -1:], torch.tensor([[prompt.shape[1] + 50]])
+        runs = {
+            "step": lambda: decode_step(model, token, cache, position),
+            "products": lambda: [m(inputs[m.in_features]) for m in linears],
+        }
+        for _ in range(6):
+            for label, run in runs.items():
+                started = time.perf_counter()
+                run()
+                best[label] = min(best[label], (time.perf_counter() - started) * 1e3)
+    return best["step"], best["products"]
 
 
 def training_batches(args: argparse.Namespace):
@@ -388,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         difference = check_same_function(ours, theirs, args.device)
         decode_ceiling = train_ceiling = 0.0
         products = layout_products(ours) if not gpu and "generate" not in args.skip else []
+        narrow = narrow_products(ours) if not gpu and "narrow" not in args.skip else []
         prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
         prompt = prompt.to(args.device)
+        step_split = step_in_products(ours, prompt) if not gpu and "generate" not in args.skip else None
         if "generate" not in args.skip:  # warm-ups: untimed, but the first call's seconds are reported
             warm_ups = {
                 "groundup generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
@@ -522,6 +620,19 @@ def main(argv: list[str] | None = None) -> int:
               "| stored ÷ laid out |\n| --- | ---: | ---: | ---: |")
         for name, stored, laid_out in products:
             print(f"| {name} | {stored:.2f} | {laid_out:.2f} | {stored / laid_out:.2f}× |")
+        print()
+    if step_split:
+        step_ms, products_ms = step_split
+        print(
+            f"a one-token decoding step of groundup: {step_ms:.1f} ms, of which its matrix products on their own "
+            f"take {products_ms:.1f} ms ({products_ms / step_ms:.0%})\n"
+        )
+    if narrow:
+        print("| a vector times a matrix, fewer bytes (tokens change), ms | " + " | ".join(NARROW_FORMATS)
+              + " |\n| --- |" + " ---: |" * len(NARROW_FORMATS))
+        for name, ms in narrow:
+            cells = " | ".join(f"{ms[label]:.2f} ({ms['fp32'] / ms[label]:.2f}×)" for label in NARROW_FORMATS)
+            print(f"| {name} | {cells} |")
         print()
     if decode_ceiling:
         print(
