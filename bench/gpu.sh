@@ -28,9 +28,13 @@ run() {  # run NAME SECONDS COMMAND...: the command's table into $OUT/NAME.md, i
   echo
 }
 
-python - <<'EOF' || { echo "no CUDA device visible to torch: nothing to measure"; exit 1; }
+python - <<'EOF' || exit 1
+import sys
+
 import torch
-assert torch.cuda.is_available()
+
+if not torch.cuda.is_available():
+    sys.exit(f"no CUDA device visible to torch {torch.__version__}: nothing to measure (run this on a GPU machine)")
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"bf16 {torch.cuda.is_bf16_supported()}")
 EOF
