@@ -5,8 +5,8 @@ by the same model (random weights of a preset, or a groundup checkpoint given wi
 ``groundup.instruct.inference.GroundupModel.complete``: one by one (the reference), in groups of equal token
 length (how batches were formed before our GPT could pad, and still are for LitGPT), in right-padded
 batches of similar lengths of ``--batch-size`` (what the response stage does now), and those with the
-compiled one-token step (``--compile``; its first call, with compilation, is an untimed warm-up). Variants
-run interleaved, ``--repeat`` times, best counts. The answers of every run must be identical.
+compiled one-token step (``--compile``; its first pass over every prompt, with compilation, is an untimed
+warm-up). Variants run interleaved, ``--repeat`` times, best counts. The answers of every run must be identical.
 
     python -m bench.responses --threads 1                   # gpt-mini, 165 prompts, 24 new tokens, CPU
     python -m bench.responses --preset gpt2-small --max-new-tokens 64 --device cuda
@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             variants[f"padded batches of {args.batch_size} + compiled step"] = (
                 args.batch_size, True, True, len(similar_length_batches(lengths, args.batch_size)))
-        for size, padded, compile, _ in variants.values():  # warm-up; compiles for the compiled variant
-            timed(model, prompts[: 2 * size], sampling, size, padded, compile)
+        # Untimed warm-ups. The compiled variant's covers every prompt: each new batch size or cache length
+        # compiles again (then with dynamic shapes) until the step has seen the shapes of all the batches.
+        warm_up_s = {}
+        for name, (size, padded, compile, _) in variants.items():
+            warm_up_s[name] = timed(model, prompts if compile else prompts[: 2 * size], sampling, size, padded, compile)[0]
         runs: dict[str, list[tuple[float, list[str]]]] = {name: [] for name in variants}
         for _ in range(args.repeat):
             for name, (size, padded, compile, _) in variants.items():
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, (seconds, _) in best.items():
         print(f"| {label} | {variants[label][3]} | {seconds:.1f} | {len(prompts) / seconds:.2f} "
               f"| {reference_s / seconds:.2f} |")
+    if args.compile:
+        compiled = next(name for name, variant in variants.items() if variant[2])
+        print(f"\nthe compiled variant's warm-up over every prompt, compilation included: {warm_up_s[compiled]:.1f} s")
     same = [sum(a == b for a, b in zip(reference, answers, strict=True)) for _, answers in best.values()]
     print(f"\nidentical answers to the reference: {', '.join(f'{n}/{len(prompts)}' for n in same)}")
     return 0 if all(n == len(prompts) for n in same) else 1

@@ -97,15 +97,18 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_length: int, device, dtype) -> None:
         # Heads before slots: each layer's keys and values are already what attention reads, contiguous.
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_length, cfg.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # A tensor per layer, not one with a layer dimension: a compiled step (torch.compile) then writes a
+        # token into its layer's tensor in place, where a write into a view of one big tensor makes it copy
+        # the whole cache back every step (a compiled step 1.6x slower than eager instead of faster).
+        shape = (batch_size, cfg.n_heads, max_length, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.rows = torch.arange(batch_size, device=device).unsqueeze(1)
         self.slots = torch.arange(max_length, device=device)
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """``(batch, 1, tokens, max_length)``: True where a token may attend (slots up to its position)."""
