@@ -7,7 +7,7 @@
 A random GPT-2 is built with transformers' own ``GPT2LMHeadModel`` (every tensor perturbed, as in the tests'
 fixtures), saved as Hugging Face safetensors and converted with groundup's own converter, so both libraries
 hold the same weights; the bench checks that they compute the same logits. In one process, round after
-round, each library in turn:
+round, each library in turn (every other round in reverse order):
 
 - load: checkpoint directory -> model ready for inference (``load_model``, which on a CPU lays the weights out
   for decoding, and ``load_checkpoint`` alone / ``from_pretrained``);
@@ -447,6 +447,12 @@ def train_in_plain_loop(model, args: argparse.Namespace, logits: Callable) -> tu
     return args.steps * args.batch * args.context / seconds, memory.peak
 
 
+def in_turn(round_: int, rows: list) -> list:
+    """The rows of a round, every other round in reverse, so that no row always runs in the same place (first
+    comes right after the ceilings' reads; on a shared host a row's speed moved ±10% from round to round)."""
+    return rows if round_ % 2 == 0 else rows[::-1]
+
+
 def check_same_function(ours, theirs, device: str) -> float:
     """Largest logit difference on one sequence: the two models must be the same function."""
     idx = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
@@ -517,11 +523,11 @@ def main(argv: list[str] | None = None) -> int:
                 decode_now, train_now = ceilings(ours, args)
                 decode_ceiling, train_ceiling = max(decode_ceiling, decode_now), max(train_ceiling, train_now)
             if "load" not in args.skip:
-                for name, load, directory in (
+                for name, load, directory in in_turn(round_, [
                     ("load", load_groundup, ours_dir),
                     ("load as stored", load_groundup_as_stored, ours_dir),
                     ("load ref", load_transformers, hf_dir),
-                ):
+                ]):
                     _, seconds, peak = timed(args.device, functools.partial(load, directory, args.device))
                     speeds[name].append(seconds)
                     memory[name] = max(memory.get(name, 0), peak)
@@ -542,20 +548,20 @@ def main(argv: list[str] | None = None) -> int:
                         theirs, prompt, args.new_tokens, args.lookahead
                     )
                 outputs = {}
-                for name, run in runs.items():
+                for name, run in in_turn(round_, list(runs.items())):
                     outputs[name], seconds, peak = timed(args.device, run)
                     speeds[name].append(args.new_tokens / seconds)
                     memory[name] = max(memory.get(name, 0), peak)
                     progress(f"{name}: {args.new_tokens / seconds:.2f} tok/s")
                 identical.append(all(torch.equal(out, outputs["generate ref"]) for out in outputs.values()))
             if "train" not in args.skip:
-                for name, train in (
+                for name, train in in_turn(round_, [
                     ("train", lambda: train_groundup(ours_dir, args, False)),
                     ("train ref", lambda: train_transformers(hf_dir, args)),
                     ("train ref kept", lambda: train_transformers(hf_dir, args, keep_freed_memory=True)),
                     ("train plain", lambda: train_groundup_plain(ours_dir, args)),
                     ("train compile", lambda: train_groundup(ours_dir, args, True)),
-                ):
+                ]):
                     if (name == "train compile" and not compile_too) or (name == "train ref kept" and gpu):
                         continue
                     speed, peak = train()
