@@ -235,17 +235,17 @@ def matrix_kinds(cfg) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def from_memory_ms(products: dict[str, Callable[[int], object]], copies: int) -> dict[str, float]:
-    """ms per product, best of three: each product is run over ``copies`` different weights in turn
-    (``product(i)``), enough of them (``copies_past_cache``) that they come from memory, as in a real step,
-    not from the CPU's cache."""
+def best_ms(runs: dict[str, Callable[[int], object]], calls: int = 1, rounds: int = 3) -> dict[str, float]:
+    """ms per call of each run, the best of ``rounds`` rounds in which the runs take turns. A round calls
+    each run ``calls`` times, ``run(i)``: a product over ``calls`` different weights in turn, enough of them
+    (``copies_past_cache``) that they come from memory, as in a real step, not from the CPU's cache."""
     best: dict[str, float] = {}
-    for _ in range(3):
-        for label, product in products.items():
+    for _ in range(rounds):
+        for label, run in runs.items():
             started = time.perf_counter()
-            for i in range(copies):
-                product(i)
-            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - started) / copies * 1e3)
+            for i in range(calls):
+                run(i)
+            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - started) / calls * 1e3)
     return best
 
 
@@ -270,7 +270,7 @@ def layout_ms(outputs: int, inputs: int) -> dict[str, float]:
     stored = [torch.randn(outputs, inputs) for _ in range(copies)]
     laid_out = [w.t().contiguous().t() for w in stored]
     x = torch.randn(1, inputs)
-    return from_memory_ms(
+    return best_ms(
         {"stored": lambda i: F.linear(x, stored[i]), "laid out": lambda i: F.linear(x, laid_out[i])}, copies
     )
 
@@ -312,7 +312,7 @@ def narrow_ms(outputs: int, inputs: int, compiled: Callable) -> dict[str, float]
     x = torch.randn(1, inputs)
     x_bf16 = x.to(torch.bfloat16)
     compiled(x[0], int8[0], scales[0])  # compiles once per shape, untimed
-    return from_memory_ms(
+    return best_ms(
         {
             "fp32": lambda i: F.linear(x, fp32[i]),
             "bf16": lambda i: F.linear(x_bf16, bf16[i]),
@@ -331,20 +331,17 @@ def step_in_products(model, prompt: torch.Tensor) -> tuple[float, float]:
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {n: torch.randn(1, 1, n) for n in {m.in_features for m in linears}}
     cache = model.new_cache(1, prompt.shape[1] + 100)
-    best = {"step": float("inf"), "products": float("inf")}
     with torch.no_grad():
         model(prompt, cache)
         token, position = prompt[:, -1:], torch.tensor([[prompt.shape[1] + 50]])
-        runs = {
-            "step": lambda: decode_step(model, token, cache, position),
-            "products": lambda: [m(inputs[m.in_features]) for m in linears],
-        }
-        for _ in range(6):
-            for label, run in runs.items():
-                started = time.perf_counter()
-                run()
-                best[label] = min(best[label], (time.perf_counter() - started) * 1e3)
-    return best["step"], best["products"]
+        ms = best_ms(
+            {
+                "step": lambda _: decode_step(model, token, cache, position),
+                "products": lambda _: [m(inputs[m.in_features]) for m in linears],
+            },
+            rounds=6,
+        )
+    return ms["step"], ms["products"]
 
 
 def training_batches(args: argparse.Namespace):
