@@ -9,10 +9,11 @@ fixtures), saved as Hugging Face safetensors and converted with groundup's own c
 hold the same weights; the bench checks that they compute the same logits. In one process, round after
 round, each library in turn (every other round in reverse order):
 
-- load: checkpoint directory -> model ready for inference (``load_model``, which on a CPU lays the weights out
-  for decoding, and ``load_checkpoint`` alone / ``from_pretrained``);
+- load: checkpoint directory -> model ready for inference (``load_model``, which lays the weights out for
+  decoding where that pays, ``loading.layout_pays``, and ``load_checkpoint`` alone / ``from_pretrained``),
+  and the same followed by the first token (both libraries read the file's pages lazily, when first used);
 - generate: ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, KV cache on both sides
-  (groundup ``generate``, eager, with the weights as stored and with ``compile=True``;
+  (groundup ``generate``, eager as ``load_model`` loads it, with the other layout and with ``compile=True``;
   ``GPT2LMHeadModel.generate(do_sample=False)``, sdpa attention); then both with prompt lookup (groundup ``lookahead``, transformers
   ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
@@ -146,7 +147,7 @@ def same_weights(args: argparse.Namespace, root: Path) -> tuple[Path, Path]:
 
 
 def load_groundup(directory: Path, device: str):
-    """What ``groundup generate`` and the responses stage load: on a CPU, weights laid out for decoding."""
+    """What ``groundup generate`` and the responses stage load: weights laid out for decoding where it pays."""
     from groundup.model.loading import load_model
 
     return load_model(directory, device)
@@ -157,6 +158,22 @@ def load_groundup_as_stored(directory: Path, device: str):
     from groundup.model.io import load_checkpoint
 
     return load_checkpoint(directory, device)
+
+
+def load_groundup_other_layout(directory: Path, device: str) -> tuple[object, str]:
+    """The same model in the layout ``load_model`` did not pick here, and that layout's row label: what the
+    choice (``loading.layout_pays``) is worth, side by side."""
+    from groundup.model.gpt import decoding_layout
+    from groundup.model.loading import layout_pays
+
+    if layout_pays(device):
+        return load_groundup_as_stored(directory, device), "weights as stored (`load_checkpoint`)"
+    return decoding_layout(load_groundup_as_stored(directory, device)), "weights laid out (`decoding_layout`)"
+
+
+def ready_to_answer(load: Callable, generate: Callable, prompt: torch.Tensor) -> Callable[..., object]:
+    """``load`` then one greedy token: what a first answer waits for, file reads deferred by either included."""
+    return lambda directory, device: generate(load(directory, device), prompt, 1)
 
 
 def load_transformers(directory: Path, device: str):
@@ -483,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         hf_dir, ours_dir = same_weights(args, Path(tmp))
         ours, theirs = load_groundup(ours_dir, args.device), load_transformers(hf_dir, args.device)
-        ours_as_stored = load_groundup_as_stored(ours_dir, args.device)  # the layout's effect, side by side
+        ours_other, other_layout = load_groundup_other_layout(ours_dir, args.device)  # the layout's effect
         difference = check_same_function(ours, theirs, args.device)
         decode_ceiling = train_ceiling = 0.0
         products = layout_products(ours) if not gpu and "generate" not in args.skip else []
@@ -495,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             warm_ups = {
                 "groundup generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
                 "transformers generate": lambda: generate_transformers(theirs, prompt, args.new_tokens),
-                "groundup generate, weights as stored": lambda: generate_groundup(
-                    ours_as_stored, prompt, args.new_tokens
+                f"groundup generate, {other_layout}": lambda: generate_groundup(
+                    ours_other, prompt, args.new_tokens
                 ),
             }
             if compile_too:
@@ -524,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("load", load_groundup, ours_dir),
                     ("load as stored", load_groundup_as_stored, ours_dir),
                     ("load ref", load_transformers, hf_dir),
+                    ("first token", ready_to_answer(load_groundup, generate_groundup, prompt), ours_dir),
+                    ("first token ref", ready_to_answer(load_transformers, generate_transformers, prompt), hf_dir),
                 ]):
                     _, seconds, peak = timed(args.device, functools.partial(load, directory, args.device))
                     speeds[name].append(seconds)
@@ -533,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = {
                     "generate": lambda: generate_groundup(ours, prompt, args.new_tokens, False),
                     "generate ref": lambda: generate_transformers(theirs, prompt, args.new_tokens),
-                    "generate as stored": lambda: generate_groundup(ours_as_stored, prompt, args.new_tokens),
+                    "generate other layout": lambda: generate_groundup(ours_other, prompt, args.new_tokens),
                 }
                 if compile_too:
                     runs["generate compile"] = lambda: generate_groundup(ours, prompt, args.new_tokens, True)
@@ -591,8 +610,9 @@ def main(argv: list[str] | None = None) -> int:
 
     row("load a checkpoint for decoding, `load_model` (lower is better)", "load", "load ref", "s")
     row("… weights as stored, `load_checkpoint`", "load as stored", "load ref", "s")
+    row("… `load_model` and the first token (lower is better)", "first token", "first token ref", "s")
     row(f"generate {args.new_tokens} tokens, greedy, KV cache", "generate", "generate ref", "tok/s")
-    row("… groundup, weights as stored (`load_checkpoint`)", "generate as stored", "generate ref", "tok/s")
+    row(f"… groundup, {other_layout}", "generate other layout", "generate ref", "tok/s")
     row("… groundup with `compile=True`", "generate compile", "generate ref", "tok/s")
     row(f"… groundup with `lookahead={args.lookahead}` (prompt lookup)", "generate lookup", "generate ref", "tok/s")
     row(

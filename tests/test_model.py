@@ -98,6 +98,26 @@ def test_chunked_prefill_with_cache_matches_full_forward():
         parts = [model(idx[:, a:b], cache, positions[:, a:b]) for a, b in ((0, 10), (10, 11), (11, 25))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
+def test_logits_at_one_token_per_row_are_that_tokens_logits_and_fill_the_same_cache():
+    """A prompt pass asks for each row's newest token only (rows of different lengths, right-padded): the
+    same logits as the full output at those tokens, and the cache the next step reads is the same."""
+    model = tiny().eval()
+    idx = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(4))
+    newest = torch.tensor([11, 4, 8])
+    positions = torch.arange(12).expand(3, 12)
+    full_cache, one_cache = model.new_cache(3, 16), model.new_cache(3, 16)
+    with torch.no_grad():
+        full = model(idx, full_cache, positions)
+        one = model(idx, one_cache, positions, logits_at=newest)
+        assert one.shape == (3, 1, 97)
+        torch.testing.assert_close(one[:, 0], full[torch.arange(3), newest], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(idx, logits_at=newest), one, atol=1e-5, rtol=1e-5)
+        following, after_newest = torch.tensor([[1], [2], [3]]), (newest + 1).unsqueeze(1)
+        torch.testing.assert_close(
+            model(following, one_cache, after_newest), model(following, full_cache, after_newest)
+        )
+
+
 
 def test_rows_of_different_lengths_share_a_cache_without_seeing_the_padding():
     model = tiny().eval()
@@ -187,12 +207,25 @@ def test_decoding_layout_changes_strides_only(tmp_path):
     assert reloaded.out_head.weight.is_contiguous()
 
 
-def test_the_inference_loader_lays_out_on_cpu_and_training_loads_as_stored(tmp_path):
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
+def test_the_inference_loader_lays_out_where_it_pays_and_training_loads_as_stored(
+    tmp_path, monkeypatch, capability
+):
+    """Laid out on an AVX2 CPU (measured faster there), as stored on AVX-512 (measured no faster) and on
+    CPUs nobody measured; whatever the layout, the same logits."""
     save_checkpoint(tiny(), tmp_path / "ckpt")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     for_decoding = load_model(tmp_path / "ckpt", "cpu")
-    assert for_decoding.out_head.weight.stride() == (1, 97)
-    assert for_decoding.tok_emb.weight.stride() != (1, 97)  # untied: the embedding is read by rows
-    assert load_checkpoint(tmp_path / "ckpt").out_head.weight.is_contiguous()
+    as_stored = load_checkpoint(tmp_path / "ckpt")
+    assert as_stored.out_head.weight.is_contiguous()
+    if capability == "AVX2":
+        assert for_decoding.out_head.weight.stride() == (1, 97)
+        assert for_decoding.tok_emb.weight.stride() != (1, 97)  # untied: the embedding is read by rows
+    else:
+        assert all(p.is_contiguous() for p in for_decoding.parameters())
+    idx = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(for_decoding(idx), as_stored(idx))
 
 
 def test_checkpoint_of_another_config_and_corrupted_file_are_errors(tmp_path):

@@ -187,12 +187,12 @@ def _prefill(
     columns = torch.arange(width, device=tokens.device)
     # Rows shorter than `width` read past their end (clamped): padding, only ever seen by itself.
     cropped = tokens.gather(1, (offsets.unsqueeze(1) + columns).clamp(max=tokens.shape[1] - 1))
-    if cache is None:
-        logits = model(cropped)  # causal attention: padding after a row's end cannot change it
+    last = lengths - offsets - 1  # each row's newest token in `cropped`
+    if cache is None:  # causal attention: padding after a row's end cannot change it
+        logits = model(cropped, logits_at=last)
     else:
-        logits = model(cropped, cache, columns.expand_as(cropped))
-    last = (lengths - offsets - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
-    return logits.gather(1, last).squeeze(1), offsets
+        logits = model(cropped, cache, columns.expand_as(cropped), logits_at=last)
+    return logits.squeeze(1), offsets
 
 
 def _stream(

@@ -215,13 +215,20 @@ class GPTModel(nn.Module):
             self.out_head.weight = self.tok_emb.weight
 
     def forward(
-        self, in_idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(batch, tokens)`` ids -> ``(batch, tokens, vocab)`` logits.
 
         ``positions`` (``(batch, tokens)``, default ``0 … tokens-1`` in every row) place the tokens; with a
         ``cache`` they are also the slots their keys and values go to (see :class:`KVCache`), so a prompt
         is fed at ``0 … n-1`` and each later token at the next position of its row.
+
+        ``logits_at`` (``(batch,)`` token indices) returns only those tokens' logits, ``(batch, 1, vocab)``:
+        a prompt pass needs just the next token's, and the output head is the model's largest product.
         """
         b, t = in_idx.shape
         if positions is None:
@@ -234,6 +241,8 @@ class GPTModel(nn.Module):
         mask = cache.attention_mask(positions) if cache is not None else None
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cache, layer, positions, mask)
+        if logits_at is not None:
+            x = x.gather(1, logits_at.view(b, 1, 1).expand(b, 1, x.shape[-1]))
         return self.out_head(self.final_norm(x))
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
@@ -274,11 +283,12 @@ def decoding_layout(model: GPTModel) -> GPTModel:
     input-major, as GPT-2's own ``Conv1D`` does; the feed-forward's second layer stays output-major.
 
     A one-token step multiplies a single vector by each matrix, which reads the whole matrix from memory;
-    on a CPU (MKL) that is fastest along the matrix's longer side: 1.5-1.7x for the output head and the
-    feed-forward's first layer (``bench.peers``' ``layout_products``). Values, shapes and the state dict
-    stay the same (a saved checkpoint is the same file); only the strides change. It costs one copy of
-    those matrices and does not speed up training's matrix products, so the inference loader calls it,
-    not training.
+    on a CPU with AVX2 (MKL) that is fastest along the matrix's longer side: 1.5-1.7x for the output head
+    and the feed-forward's first layer (``bench.peers``' ``layout_products``); with AVX-512 either side
+    reads at about the same speed. Values, shapes and the state dict stay the same (a saved checkpoint is
+    the same file); only the strides change. It costs one copy of those matrices and does not speed up
+    training's matrix products, so the inference loader calls it where it pays
+    (:func:`groundup.model.loading.layout_pays`), not training.
     """
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.out_features >= module.in_features:

@@ -34,11 +34,21 @@ def load_model(
     """Any model directory the pipeline writes: a checkpoint, or a LoRA adapter dir (``adapter.json``)
     whose base checkpoint it names. The one entry point for ``groundup generate`` and the response stage.
 
-    On a CPU the weights are laid out for one-token steps (:func:`decoding_layout`: the same function, faster
-    decoding); on a GPU, where that was not measured, they stay as stored."""
+    On a CPU where it pays (:func:`layout_pays`) the weights are laid out for one-token steps
+    (:func:`decoding_layout`: the same function, faster decoding); elsewhere they stay as stored."""
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
         model = load_adapted_model(path, device, registry=registry or _registry)
     else:
         model = load_checkpoint(path, device)
-    return decoding_layout(model) if torch.device(device).type == "cpu" else model
+    return decoding_layout(model) if layout_pays(device) else model
+
+
+def layout_pays(device: str | torch.device) -> bool:
+    """Whether :func:`decoding_layout` is worth its one-time copy (0.3-0.6 s for a 124M model) on ``device``.
+
+    Measured with ``bench.peers`` on two CPUs: on one with AVX2 only, the laid-out weights decoded 1.11-1.32x
+    faster than as stored; on one with AVX-512, whose wider units read a matrix along either side at
+    nearly the same speed, at 0.94-1.08x (no consistent difference). Nothing was measured on GPUs or on
+    other CPUs, so they keep the weights as stored, which costs nothing."""
+    return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
