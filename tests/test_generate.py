@@ -44,6 +44,19 @@ def test_greedy_is_the_same_with_and_without_cache(model, new_tokens):
     assert torch.equal(uncached, generate_text_simple(model, idx, new_tokens, context_size=32))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_output_head_runs_on_one_token_per_row(model, use_cache):
+    """A prompt pass, and without the cache every pass, gives the head only each row's newest token: the
+    head is the largest product, and only that token's logits choose the next one."""
+    rows_seen = []
+    hook = model.out_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[:2]))
+    try:
+        generate(model, prompts(batch=2, length=9), 4, lengths=torch.tensor([9, 5]), use_cache=use_cache)
+    finally:
+        hook.remove()
+    assert rows_seen == [(2, 1)] * 4
+
+
 def test_a_shorter_context_size_crops_the_same_way_with_the_cache(model):
     idx = prompts(batch=1, length=12)
     cached = generate(model, idx, 20, context_size=8)

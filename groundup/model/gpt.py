@@ -12,7 +12,10 @@ differences are the fast paths a reader can still follow:
 - an optional KV cache makes generation linear instead of quadratic in the output length. Each token's
   keys and values go to the cache slot of its position, per row: prompts of different lengths share one
   right-padded batch, and a one-token step always has the same shapes, so it can be compiled;
-- ``decoding_layout`` stores the weight matrices the way one-token steps read fastest (see there).
+- a prompt pass can ask for one token's logits per row (``logits_at``), all that generation needs from it:
+  the output head is the model's largest product;
+- ``decoding_layout`` stores the weight matrices the way one-token steps read fastest on AVX2-only CPUs
+  (see there).
 
 q, k and v stay separate linear layers, so LoRA can target each and the GPT-2 loader splits OpenAI's
 fused ``c_attn`` explicitly.
@@ -284,8 +287,8 @@ def decoding_layout(model: GPTModel) -> GPTModel:
 
     A one-token step multiplies a single vector by each matrix, which reads the whole matrix from memory;
     on a CPU with AVX2 (MKL) that is fastest along the matrix's longer side: 1.5-1.7x for the output head
-    and the feed-forward's first layer (``bench.peers``' ``layout_products``); with AVX-512 either side
-    reads at about the same speed. Values, shapes and the state dict stay the same (a saved checkpoint is
+    and the feed-forward's first layer (``bench.peers``' ``layout_products``); with AVX-512 1.04-1.16x,
+    which whole decoding runs did not show. Values, shapes and the state dict stay the same (a saved checkpoint is
     the same file); only the strides change. It costs one copy of those matrices and does not speed up
     training's matrix products, so the inference loader calls it where it pays
     (:func:`groundup.model.loading.layout_pays`), not training.
