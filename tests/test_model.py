@@ -98,6 +98,7 @@ def test_chunked_prefill_with_cache_matches_full_forward():
         parts = [model(idx[:, a:b], cache, positions[:, a:b]) for a, b in ((0, 10), (10, 11), (11, 25))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
+
 def test_logits_at_one_token_per_row_are_that_tokens_logits_and_fill_the_same_cache():
     """A prompt pass asks for each row's newest token only (rows of different lengths, right-padded): the
     same logits as the full output at those tokens, and the cache the next step reads is the same."""
@@ -116,7 +117,6 @@ def test_logits_at_one_token_per_row_are_that_tokens_logits_and_fill_the_same_ca
         torch.testing.assert_close(
             model(following, one_cache, after_newest), model(following, full_cache, after_newest)
         )
-
 
 
 def test_rows_of_different_lengths_share_a_cache_without_seeing_the_padding():

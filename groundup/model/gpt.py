@@ -288,9 +288,9 @@ def decoding_layout(model: GPTModel) -> GPTModel:
     A one-token step multiplies a single vector by each matrix, which reads the whole matrix from memory;
     on a CPU with AVX2 (MKL) that is fastest along the matrix's longer side: 1.5-1.7x for the output head
     and the feed-forward's first layer (``bench.peers``' ``layout_products``); with AVX-512 1.04-1.16x,
-    which whole decoding runs did not show. Values, shapes and the state dict stay the same (a saved checkpoint is
-    the same file); only the strides change. It costs one copy of those matrices and does not speed up
-    training's matrix products, so the inference loader calls it where it pays
+    which whole decoding runs did not show. Values, shapes and the state dict stay the same (a saved
+    checkpoint is the same file); only the strides change. It costs one copy of those matrices and does
+    not speed up training's matrix products, so the inference loader calls it where it pays
     (:func:`groundup.model.loading.layout_pays`), not training.
     """
     for module in model.modules():
