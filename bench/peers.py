@@ -15,15 +15,19 @@ round, each library in turn (every other round in reverse order):
 - generate: ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, KV cache on both sides
   (groundup ``generate``, eager as ``load_model`` loads it, with the other layout and with ``compile=True``;
   ``GPT2LMHeadModel.generate(do_sample=False)``, sdpa attention); then both with prompt lookup (groundup ``lookahead``, transformers
-  ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); the tokens must be identical in every row;
+  ``prompt_lookup_num_tokens``, ``--lookahead`` drafted tokens); then ``--batch-prompts`` prompts at once
+  (groundup as ``load_model`` loads it and with plain ``nn.Linear``, ``load_checkpoint``); the tokens must
+  be identical in every row;
 - train: tokens/s on the same random batches, ``--batch`` x ``--context``, fp32, dropout 0.1. groundup runs
   through ``groundup.train.loop.fit`` (fused AdamW), eager and with ``train.compile``; transformers in a
   plain loop with fused AdamW (what its ``Trainer`` picks by default, ``adamw_torch_fused``), also with freed
   memory kept in the process as ``fit`` keeps it on a CPU (``groundup.train.cpu_memory``), and groundup's
   model in that same plain loop (what the model costs without ``fit``).
 
-On a CPU it also prints how much of a one-token decoding step is its matrix products, and what narrower
-weights (bf16, int8) would buy those products here (``narrow_products``; ``--skip narrow`` leaves it out).
+On a CPU it also prints how much of a one-token decoding step is its matrix products, what a pass's
+products cost for a few rows through MKL and through oneDNN (``row_products``, why ``FewRowsLinear``
+exists), and what narrower weights (bf16, int8) would buy those products here (``narrow_products``;
+``--skip narrow`` leaves it out).
 
 First calls (allocation, compilation) are untimed warm-ups; their seconds are printed separately. Peak
 memory is the process's resident size sampled every 2 ms during a measurement, above its start. Each round
@@ -59,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument(
+        "--batch-prompts", type=int, default=8, help="prompts generated at once in the batch rows (0: none)"
+    )
     p.add_argument("--batch", type=int, help="training batch (default: 2 on CPU, 8 on CUDA)")
     p.add_argument("--context", type=int, default=256, help="training sequence length")
     p.add_argument("--steps", type=int, help="timed training steps per round (default: 3 on CPU, 20 on CUDA)")
@@ -340,6 +347,34 @@ def narrow_ms(outputs: int, inputs: int, compiled: Callable) -> dict[str, float]
     )
 
 
+PRODUCT_ROWS = (1, 3, 4, 8, 11, 16)
+
+
+def row_products(model) -> list[tuple[int, float, float]]:
+    """What ``FewRowsLinear`` is for: one pass's matrix products (every Linear of the model once, in order)
+    for passes of a few rows, as batched decoding and prompt lookup's checking passes make them: ms through
+    ``F.linear`` (MKL) and through ``FewRowsLinear`` (oneDNN for 4-15 rows), best of four."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        return [(rows, *pass_ms(linears, rows)) for rows in PRODUCT_ROWS]
+
+
+def pass_ms(linears: list, rows: int) -> tuple[float, float]:
+    import torch.nn.functional as F
+
+    from groundup.model.gpt import FewRowsLinear
+
+    inputs = {n: torch.randn(rows, n) for n in {m.in_features for m in linears}}
+    ms = best_ms(
+        {
+            "F.linear": lambda _: [F.linear(inputs[m.in_features], m.weight, m.bias) for m in linears],
+            "FewRowsLinear": lambda _: [FewRowsLinear.forward(m, inputs[m.in_features]) for m in linears],
+        },
+        rounds=4,
+    )
+    return ms["F.linear"], ms["FewRowsLinear"]
+
+
 def step_in_products(model, prompt: torch.Tensor) -> tuple[float, float]:
     """How much of a one-token decoding step is its matrix products: (ms a step, ms of the same products on
     their own, every Linear of the model once, in order). Best of six, the first of which warms up."""
@@ -501,12 +536,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir, ours_dir = same_weights(args, Path(tmp))
         ours, theirs = load_groundup(ours_dir, args.device), load_transformers(hf_dir, args.device)
         ours_other, other_layout = load_groundup_other_layout(ours_dir, args.device)  # the layout's effect
+        ours_plain = load_groundup_as_stored(ours_dir, args.device)  # plain nn.Linear: FewRowsLinear's effect
         difference = check_same_function(ours, theirs, args.device)
         decode_ceiling = train_ceiling = 0.0
         products = layout_products(ours) if not gpu and "generate" not in args.skip else []
+        few_rows = row_products(ours) if not gpu and "generate" not in args.skip else []
         narrow = narrow_products(ours) if not gpu and "narrow" not in args.skip else []
         prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
         prompt = prompt.to(args.device)
+        prompts = torch.randint(
+            0, 50257, (args.batch_prompts, args.prompt_tokens), generator=torch.Generator().manual_seed(3)
+        ).to(args.device)
         step_split = step_in_products(ours, prompt) if not gpu and "generate" not in args.skip else None
         if "generate" not in args.skip:  # warm-ups: untimed, but the first call's seconds are reported
             warm_ups = {
@@ -526,6 +566,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 warm_ups["transformers generate, prompt lookup"] = lambda: generate_transformers(
                     theirs, prompt, args.new_tokens, args.lookahead
+                )
+            if args.batch_prompts:
+                warm_ups["groundup generate, batch"] = lambda: generate_groundup(
+                    ours, prompts, args.new_tokens
+                )
+                warm_ups["transformers generate, batch"] = lambda: generate_transformers(
+                    theirs, prompts, args.new_tokens
+                )
+                warm_ups["groundup generate, batch, plain nn.Linear"] = lambda: generate_groundup(
+                    ours_plain, prompts, args.new_tokens
                 )
             for name, run in warm_ups.items():
                 first_call[name] = timed(args.device, run)[1]
@@ -563,13 +613,25 @@ def main(argv: list[str] | None = None) -> int:
                     runs["generate ref lookup"] = lambda: generate_transformers(
                         theirs, prompt, args.new_tokens, args.lookahead
                     )
+                if args.batch_prompts:
+                    runs["generate batch"] = lambda: generate_groundup(ours, prompts, args.new_tokens)
+                    runs["generate batch ref"] = lambda: generate_transformers(
+                        theirs, prompts, args.new_tokens
+                    )
+                    runs["generate batch plain"] = lambda: generate_groundup(
+                        ours_plain, prompts, args.new_tokens
+                    )
                 outputs = {}
                 for name, run in in_turn(round_, list(runs.items())):
                     outputs[name], seconds, peak = timed(args.device, run)
-                    speeds[name].append(args.new_tokens / seconds)
+                    tokens = args.new_tokens * (args.batch_prompts if "batch" in name else 1)
+                    speeds[name].append(tokens / seconds)
                     memory[name] = max(memory.get(name, 0), peak)
-                    progress(f"{name}: {args.new_tokens / seconds:.2f} tok/s")
-                identical.append(all(torch.equal(out, outputs["generate ref"]) for out in outputs.values()))
+                    progress(f"{name}: {tokens / seconds:.2f} tok/s")
+                identical.append(all(
+                    torch.equal(out, outputs["generate batch ref" if "batch" in name else "generate ref"])
+                    for name, out in outputs.items()
+                ))
             if "train" not in args.skip:
                 for name, train in in_turn(round_, [
                     ("train", lambda: train_groundup(ours_dir, args, False)),
@@ -622,6 +684,18 @@ def main(argv: list[str] | None = None) -> int:
         "tok/s",
     )
     row(
+        f"generate for {args.batch_prompts} prompts at once, {args.new_tokens} tokens each (tok/s, all rows)",
+        "generate batch",
+        "generate batch ref",
+        "tok/s",
+    )
+    row(
+        "… groundup with plain `nn.Linear` (`load_checkpoint`)",
+        "generate batch plain",
+        "generate batch ref",
+        "tok/s",
+    )
+    row(
         f"train, batch {args.batch} × {args.context}" + (", bf16-mixed" if gpu else ", fp32"),
         "train",
         "train ref",
@@ -643,6 +717,13 @@ def main(argv: list[str] | None = None) -> int:
               "| stored ÷ laid out |\n| --- | ---: | ---: | ---: |")
         for name, stored, laid_out in products:
             print(f"| {name} | {stored:.2f} | {laid_out:.2f} | {stored / laid_out:.2f}× |")
+        print()
+    if few_rows:
+        print("| one pass's matrix products for a few rows (`FewRowsLinear`), ms | `F.linear` (MKL) "
+              "| `FewRowsLinear` | `F.linear` ÷ `FewRowsLinear` |\n| --- | ---: | ---: | ---: |")
+        for rows, mkl, onednn in few_rows:
+            label = f"{rows} row{'s' if rows > 1 else ''}"
+            print(f"| {label} | {mkl:.1f} | {onednn:.1f} | {mkl / onednn:.2f}× |")
         print()
     if step_split:
         step_ms, products_ms = step_split

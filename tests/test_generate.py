@@ -13,7 +13,7 @@ from groundup.model.generate import (
     sample_next,
     stream,
 )
-from groundup.model.gpt import GPTModel, config_from_preset, init_weights
+from groundup.model.gpt import GPTModel, config_from_preset, few_rows_through_onednn, init_weights
 from groundup.model.io import save_checkpoint
 
 VOCAB = 97
@@ -94,6 +94,18 @@ def test_compiled_one_token_step_is_greedy_identical(model):
     assert torch.equal(compiled, generate(model, idx, 12, use_cache=False))
 
 
+@pytest.mark.slow  # compiles twice (a second batch size makes it dynamic), ~1-2 min on a 2-core CPU
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch built with oneDNN")
+def test_compiled_step_of_a_model_with_few_rows_through_onednn_is_greedy_identical(model):
+    """torch.compile traces FewRowsLinear as F.linear, also once the batch size is symbolic."""
+    fast = few_rows_through_onednn(GPTModel(model.cfg))
+    fast.load_state_dict(model.state_dict())
+    fast.eval()
+    for batch in (8, 5):
+        idx = prompts(batch=batch, length=5, seed=batch)
+        assert torch.equal(generate(fast, idx, 12, compile=True), generate(model, idx, 12))
+
+
 def count_passes(model: GPTModel) -> list[int]:
     """Tokens fed in each forward pass from now on (the hook stays on the module-scoped model, harmlessly)."""
     passes: list[int] = []
@@ -158,6 +170,23 @@ def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_passes(model, lookahead)
     # The prompt's prefill gives the first token, a pass at a time the others: drafts kept saved passes.
     assert passes[0] == 16 and 1 < max(passes[1:]) <= 1 + lookahead, passes
     assert len(passes) < 16, passes
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch built with oneDNN")
+def test_few_rows_through_onednn_give_the_same_greedy_tokens(model):
+    """Batches of 4-15 rows decode through oneDNN, as do prompt lookup's checking passes: the same tokens."""
+    rows = [prompts(batch=1, length=n, seed=n)[0] for n in (3, 9, 6, 4, 8, 5, 7, 9)]
+    padded = torch.zeros((8, 9), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    lengths = torch.tensor([len(row) for row in rows])
+    repeating = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6] * 2])
+    plain = [generate(model, padded, 30, lengths=lengths), generate(model, repeating, 16, lookahead=8)]
+    fast = few_rows_through_onednn(GPTModel(model.cfg))
+    fast.load_state_dict(model.state_dict())
+    fast.eval()
+    assert torch.equal(generate(fast, padded, 30, lengths=lengths), plain[0])
+    assert torch.equal(generate(fast, repeating, 16, lookahead=8), plain[1])
 
 
 def test_lengths_must_fit_the_prompts(model):

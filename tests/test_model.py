@@ -7,9 +7,20 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import profile
 
 from groundup.model.generate import generate
-from groundup.model.gpt import GPTConfig, GPTModel, config_from_preset, decoding_layout, init_weights
+from groundup.model.gpt import (
+    FewRowsLinear,
+    GPTConfig,
+    GPTModel,
+    config_from_preset,
+    decoding_layout,
+    few_rows_through_onednn,
+    init_weights,
+)
 from groundup.model.io import CheckpointError, load_checkpoint, save_checkpoint
 from groundup.model.loading import load_model
 from tests.conftest import ROOT
@@ -212,7 +223,7 @@ def test_the_inference_loader_lays_out_where_it_pays_and_training_loads_as_store
     tmp_path, monkeypatch, capability
 ):
     """Laid out on an AVX2 CPU (measured faster there), as stored on AVX-512 (measured no faster) and on
-    CPUs nobody measured; whatever the layout, the same logits."""
+    CPUs nobody measured; whatever the layout and products, the same logits."""
     save_checkpoint(tiny(), tmp_path / "ckpt")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     for_decoding = load_model(tmp_path / "ckpt", "cpu")
@@ -223,9 +234,52 @@ def test_the_inference_loader_lays_out_where_it_pays_and_training_loads_as_store
         assert for_decoding.tok_emb.weight.stride() != (1, 97)  # untied: the embedding is read by rows
     else:
         assert all(p.is_contiguous() for p in for_decoding.parameters())
+    # A few rows through oneDNN only where that was measured to pay: the AVX-512 CPU.
+    linears = [m for m in for_decoding.modules() if isinstance(m, nn.Linear)]
+    onednn = capability == "AVX512" and torch.backends.mkldnn.is_available()
+    assert {type(m) for m in linears} == {FewRowsLinear if onednn else nn.Linear}
+    assert not any(isinstance(m, FewRowsLinear) for m in as_stored.modules())
     idx = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(for_decoding(idx), as_stored(idx))
+
+
+def onednn_products(layer: nn.Module, x: torch.Tensor) -> int:
+    """How many times ``layer(x)`` called oneDNN's linear op (what torch's profiler saw)."""
+    with profile() as prof:
+        layer(x)
+    return sum(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch built with oneDNN")
+def test_few_rows_go_through_onednn_outside_training_with_the_same_values(tmp_path):
+    """4-15 rows without a gradient go to oneDNN; 1-3 rows, 16 or more, and anything autograd records stay
+    with F.linear. The same values and gradients either way; the same parameters, tie and checkpoint."""
+    model = tiny(tie_weights=True)
+    stored = {name: t.clone() for name, t in model.state_dict().items()}
+    few_rows_through_onednn(model)
+    assert all(type(m) is FewRowsLinear for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.out_head.weight is model.tok_emb.weight
+    assert all(torch.equal(t, stored[name]) for name, t in model.state_dict().items())
+
+    layer = model.trf_blocks[0].ff.layers[0]
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for shape in [(1, 64), (3, 64), (4, 64), (8, 1, 64), (3, 5, 64), (16, 64), (2, 20, 64)]:
+            x = torch.randn(*shape, generator=generator)
+            rows = x.numel() // 64
+            assert onednn_products(layer, x) == (1 if 4 <= rows < 16 else 0), shape
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    x = torch.randn(8, 64, generator=generator, requires_grad=True)
+    assert onednn_products(layer, x) == 0  # autograd records it: the oneDNN op has no backward
+    layer(x).square().sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    F.linear(expected, layer.weight.detach(), layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad)
+
+    save_checkpoint(model, tmp_path / "ckpt")
+    reloaded = load_checkpoint(tmp_path / "ckpt").state_dict()
+    assert all(torch.equal(t, stored[name]) for name, t in reloaded.items())
 
 
 def test_checkpoint_of_another_config_and_corrupted_file_are_errors(tmp_path):

@@ -15,7 +15,9 @@ differences are the fast paths a reader can still follow:
 - a prompt pass can ask for one token's logits per row (``logits_at``), all that generation needs from it:
   the output head is the model's largest product;
 - ``decoding_layout`` stores the weight matrices the way one-token steps read fastest on AVX2-only CPUs
-  (see there).
+  (see there);
+- ``FewRowsLinear`` multiplies 4-15 rows through oneDNN outside training, where MKL reads the weights
+  once or more per row pair (batched decoding, prompt lookup's checking passes; see there).
 
 q, k and v stay separate linear layers, so LoRA can target each and the GPT-2 loader splits OpenAI's
 fused ``c_attn`` explicitly.
@@ -297,4 +299,42 @@ def decoding_layout(model: GPTModel) -> GPTModel:
         if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
             if module.weight.is_contiguous():  # still output-major, as loaded (a tied head: only once)
                 module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
+class FewRowsLinear(nn.Linear):
+    """``nn.Linear`` that sends a CPU product of 4-15 rows to oneDNN when no gradient is being recorded.
+
+    Batched decoding (8 prompts: 8 rows a step) and prompt lookup's checking passes (2-11 rows) multiply a
+    few rows by every weight matrix. For 4-15 rows MKL, which ``F.linear`` uses on a CPU, takes longer
+    the more rows it gets, as if it read the weights again for every row or two: the output head took
+    24 ms for 4 rows, 40 ms for 8, 69 ms for 13, then 25 ms for 16 (one thread, AVX-512), where oneDNN's
+    product took 18-23 ms for all of them. For 1-3 rows MKL is the faster, from 16 on the two are alike:
+    those stay with ``F.linear``, and so does anything autograd must see (the oneDNN op has no backward)
+    or ``torch.compile`` traces (inductor lowers the op only for weights frozen into the graph). The
+    values agree up to float rounding (~2e-6); parameters and state dict are ``nn.Linear``'s.
+    """
+
+    ROWS = range(4, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            not torch.compiler.is_compiling()  # first: a traced batch size may be symbolic
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.is_contiguous()  # not laid out by decoding_layout
+            and x.numel() // x.shape[-1] in self.ROWS
+        ):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+
+def few_rows_through_onednn(model: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` of ``model`` a :class:`FewRowsLinear`, in place: the same parameters
+    (a tied head stays tied), another ``forward``. The inference loader calls it where it was measured to
+    pay (:func:`groundup.model.loading.onednn_pays`); training has no use for it."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FewRowsLinear
     return model

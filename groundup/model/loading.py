@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from groundup.model.gpt import GPTModel, decoding_layout
+from groundup.model.gpt import GPTModel, decoding_layout, few_rows_through_onednn
 from groundup.model.io import load_checkpoint
 from groundup.model.lora import ADAPTER_CONFIG, load_adapted_model
 
@@ -34,14 +34,20 @@ def load_model(
     """Any model directory the pipeline writes: a checkpoint, or a LoRA adapter dir (``adapter.json``)
     whose base checkpoint it names. The one entry point for ``groundup generate`` and the response stage.
 
-    On a CPU where it pays (:func:`layout_pays`) the weights are laid out for one-token steps
-    (:func:`decoding_layout`: the same function, faster decoding); elsewhere they stay as stored."""
+    On a CPU, where each was measured to pay, the weights are laid out for one-token steps
+    (:func:`layout_pays`, :func:`decoding_layout`) or products of a few rows go through oneDNN
+    (:func:`onednn_pays`, :func:`few_rows_through_onednn`): the same function, faster decoding. Elsewhere
+    the model is as stored."""
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
         model = load_adapted_model(path, device, registry=registry or _registry)
     else:
         model = load_checkpoint(path, device)
-    return decoding_layout(model) if layout_pays(device) else model
+    if layout_pays(device):
+        decoding_layout(model)
+    if onednn_pays(device):
+        few_rows_through_onednn(model)
+    return model
 
 
 def layout_pays(device: str | torch.device) -> bool:
@@ -52,3 +58,14 @@ def layout_pays(device: str | torch.device) -> bool:
     nearly the same speed, at 0.94-1.08x (no consistent difference). Nothing was measured on GPUs or on
     other CPUs, so they keep the weights as stored, which costs nothing."""
     return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def onednn_pays(device: str | torch.device) -> bool:
+    """Whether :func:`few_rows_through_onednn` speeds up decoding on ``device``: measured on the AVX-512 CPU
+    (``bench.peers``' ``row_products``, batched decoding in ``bench.peers`` and ``bench.responses``).
+    Other CPUs, whose MKL may not slow down on a few rows, keep ``nn.Linear``, as do GPUs (no oneDNN)."""
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    )
