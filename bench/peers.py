@@ -353,7 +353,8 @@ PRODUCT_ROWS = (1, 3, 4, 8, 11, 16)
 def row_products(model) -> list[tuple[int, float, float]]:
     """What ``FewRowsLinear`` is for: one pass's matrix products (every Linear of the model once, in order)
     for passes of a few rows, as batched decoding and prompt lookup's checking passes make them: ms through
-    ``F.linear`` (MKL) and through ``FewRowsLinear`` (oneDNN for 4-15 rows), best of four."""
+    ``F.linear`` (MKL) and through the layers as ``load_model`` loaded them (``FewRowsLinear`` sends 4-15
+    rows by a large matrix to oneDNN), best of four."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         return [(rows, *pass_ms(linears, rows)) for rows in PRODUCT_ROWS]
@@ -362,17 +363,15 @@ def row_products(model) -> list[tuple[int, float, float]]:
 def pass_ms(linears: list, rows: int) -> tuple[float, float]:
     import torch.nn.functional as F
 
-    from groundup.model.gpt import FewRowsLinear
-
     inputs = {n: torch.randn(rows, n) for n in {m.in_features for m in linears}}
     ms = best_ms(
         {
             "F.linear": lambda _: [F.linear(inputs[m.in_features], m.weight, m.bias) for m in linears],
-            "FewRowsLinear": lambda _: [FewRowsLinear.forward(m, inputs[m.in_features]) for m in linears],
+            "as loaded": lambda _: [m(inputs[m.in_features]) for m in linears],
         },
         rounds=4,
     )
-    return ms["F.linear"], ms["FewRowsLinear"]
+    return ms["F.linear"], ms["as loaded"]
 
 
 def step_in_products(model, prompt: torch.Tensor) -> tuple[float, float]:
@@ -720,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if few_rows:
         print("| one pass's matrix products for a few rows (`FewRowsLinear`), ms | `F.linear` (MKL) "
-              "| `FewRowsLinear` | `F.linear` ÷ `FewRowsLinear` |\n| --- | ---: | ---: | ---: |")
+              "| as `load_model` loads them | `F.linear` ÷ as loaded |\n| --- | ---: | ---: | ---: |")
         for rows, mkl, onednn in few_rows:
             label = f"{rows} row{'s' if rows > 1 else ''}"
             print(f"| {label} | {mkl:.1f} | {onednn:.1f} | {mkl / onednn:.2f}× |")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import profile
 
+from groundup.model import loading
 from groundup.model.generate import generate
 from groundup.model.gpt import (
     FewRowsLinear,
@@ -234,11 +235,18 @@ def test_the_inference_loader_lays_out_where_it_pays_and_training_loads_as_store
         assert for_decoding.tok_emb.weight.stride() != (1, 97)  # untied: the embedding is read by rows
     else:
         assert all(p.is_contiguous() for p in for_decoding.parameters())
-    # A few rows through oneDNN only where that was measured to pay: the AVX-512 CPU.
-    linears = [m for m in for_decoding.modules() if isinstance(m, nn.Linear)]
+    # A few rows through oneDNN only where that was measured to pay: the AVX-512 CPU, a model whose weights
+    # do not fit in a cache (the threshold lowered for a 9 MB one), and its large matrices: here an output
+    # head of 33000 x 64 (2.1M weights), not the 64-wide layers.
+    torch.manual_seed(0)
+    save_checkpoint(GPTModel(config_from_preset("gpt-tiny", vocab_size=33_000)), tmp_path / "wide-head")
+    assert type(load_model(tmp_path / "wide-head", "cpu").out_head) is nn.Linear  # 9 MB: cached
+    monkeypatch.setattr(loading, "ONEDNN_MIN_MODEL_BYTES", 2**20)
+    wide_head = load_model(tmp_path / "wide-head", "cpu")
     onednn = capability == "AVX512" and torch.backends.mkldnn.is_available()
-    assert {type(m) for m in linears} == {FewRowsLinear if onednn else nn.Linear}
-    assert not any(isinstance(m, FewRowsLinear) for m in as_stored.modules())
+    assert type(wide_head.out_head) is (FewRowsLinear if onednn else nn.Linear)
+    assert all(type(m) is nn.Linear for m in wide_head.trf_blocks.modules() if isinstance(m, nn.Linear))
+    assert not any(isinstance(m, FewRowsLinear) for m in [*as_stored.modules(), *for_decoding.modules()])
     idx = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(for_decoding(idx), as_stored(idx))
@@ -257,7 +265,7 @@ def test_few_rows_go_through_onednn_outside_training_with_the_same_values(tmp_pa
     with F.linear. The same values and gradients either way; the same parameters, tie and checkpoint."""
     model = tiny(tie_weights=True)
     stored = {name: t.clone() for name, t in model.state_dict().items()}
-    few_rows_through_onednn(model)
+    few_rows_through_onednn(model, min_weight=0)  # every layer, however small
     assert all(type(m) is FewRowsLinear for m in model.modules() if isinstance(m, nn.Linear))
     assert model.out_head.weight is model.tok_emb.weight
     assert all(torch.equal(t, stored[name]) for name, t in model.state_dict().items())
