@@ -94,13 +94,18 @@ def test_compiled_one_token_step_is_greedy_identical(model):
     assert torch.equal(compiled, generate(model, idx, 12, use_cache=False))
 
 
+def through_onednn(model: GPTModel) -> GPTModel:
+    """A copy of ``model`` whose every linear layer, however small, sends 4-15 rows to oneDNN."""
+    fast = few_rows_through_onednn(GPTModel(model.cfg), min_weight=0)
+    fast.load_state_dict(model.state_dict())
+    return fast.eval()
+
+
 @pytest.mark.slow  # compiles twice (a second batch size makes it dynamic), ~1-2 min on a 2-core CPU
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch built with oneDNN")
 def test_compiled_step_of_a_model_with_few_rows_through_onednn_is_greedy_identical(model):
     """torch.compile traces FewRowsLinear as F.linear, also once the batch size is symbolic."""
-    fast = few_rows_through_onednn(GPTModel(model.cfg), min_weight=0)
-    fast.load_state_dict(model.state_dict())
-    fast.eval()
+    fast = through_onednn(model)
     for batch in (8, 5):
         idx = prompts(batch=batch, length=5, seed=batch)
         assert torch.equal(generate(fast, idx, 12, compile=True), generate(model, idx, 12))
@@ -182,9 +187,7 @@ def test_few_rows_through_onednn_give_the_same_greedy_tokens(model):
     lengths = torch.tensor([len(row) for row in rows])
     repeating = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6] * 2])
     plain = [generate(model, padded, 30, lengths=lengths), generate(model, repeating, 16, lookahead=8)]
-    fast = few_rows_through_onednn(GPTModel(model.cfg), min_weight=0)
-    fast.load_state_dict(model.state_dict())
-    fast.eval()
+    fast = through_onednn(model)
     assert torch.equal(generate(fast, padded, 30, lengths=lengths), plain[0])
     assert torch.equal(generate(fast, repeating, 16, lookahead=8), plain[1])
 
