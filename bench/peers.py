@@ -52,7 +52,7 @@ os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow (~1
 
 import torch  # noqa: E402
 
-SHAPES = {"124M": (12, 768, 12), "355M": (24, 1024, 16)}
+SHAPES = {"124M": (12, 768, 12), "355M": (24, 1024, 16), "tiny": (2, 64, 2)}  # tiny: bench/gpu.sh's rehearsal
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
