@@ -64,16 +64,13 @@ def test_rehearsal_runs_every_bench_without_the_packages_gpu_machines_lack(tmp_p
     assert "REHEARSAL" in result.stdout and "!!" not in result.stdout and "done in" in result.stdout
     out = tmp_path / "out"
     train = (out / "train.md").read_text()
-    for row in ("| reference (workshop style), fp32 |", "| groundup, fp32 |", "| groundup, fp32 + compile |"):
-        assert row in train
+    assert "| reference (workshop style), fp32 |" in train and "| groundup, fp32 |" in train
     peers = (out / "peers.md").read_text()
     for row in (
         "| generate 12 tokens, greedy, KV cache |",
-        "| … groundup with `compile=True` |",
         "| … both with prompt lookup (4 drafted tokens a pass) |",
         "| generate for 3 prompts at once, 12 tokens each (tok/s, all rows) |",
         "| train, batch 2 × 64, fp32 |",
-        "| … groundup with `train.compile` |",
     ):
         assert row in peers
     assert "greedy tokens identical (every groundup and transformers generate row): yes in 1/1 rounds" in peers
