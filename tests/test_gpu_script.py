@@ -1,6 +1,6 @@
-"""``bench/gpu.sh``, rehearsed on the CPU (``DEVICE=cpu``): every step a GPU run takes, at toy sizes, with
-what a lent GPU machine has, so that the one short run such a machine allows is not spent on a broken
-script."""
+"""``bench/gpu.sh``, rehearsed on the CPU (``DEVICE=cpu``): the benches a GPU run takes, at toy sizes and
+without compilation, needing only what a lent GPU machine has, so that the one short run such a machine
+allows is not spent on a broken script."""
 
 from __future__ import annotations
 
