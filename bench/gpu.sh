@@ -40,7 +40,7 @@ case $DEVICE in
         # No torch.compile rows: compiling on the CPU says nothing of inductor on CUDA and took 1.5 of the
         # rehearsal's 2 minutes (the library's compiled paths have their own tests).
         TRAIN=(--preset gpt-tiny --context 64 --batch 2 --steps 2 --warmup 1)
-        PEERS=(--size tiny --rounds 1 --context 64 --new-tokens 12 --batch-prompts 3 --lookahead 4
+        PEERS=(--size gpt-tiny --rounds 1 --context 64 --new-tokens 12 --batch-prompts 3 --lookahead 4
                --steps 1 --warmup 2 --skip narrow compile)
         GENERATE=(--preset gpt-tiny --new-tokens 12)
         ;;
@@ -92,7 +92,7 @@ if site:
           + ", ".join(f"{name} {version(name)}" for name in carried))
 for module in ("bench.train", "bench.peers", "bench.generate", "groundup.train.loop", "groundup.weights",
                "groundup.weights.fetch", "groundup.model.loading", "tests.gpt2_fixtures", "lightning.fabric",
-               "transformers.models.gpt2"):
+               "transformers.models.gpt2.modeling_gpt2"):
     try:
         importlib.import_module(module)
     except Exception as error:  # an ImportError, or a package refusing its neighbours' versions

@@ -20,17 +20,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.gpt2_fixtures import save_hf, save_openai, tiny_gpt2
+from groundup.model.gpt import GPT2_SIZES
+from tests.gpt2_fixtures import random_gpt2, save_hf, save_openai
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {"124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20), "1558M": (48, 1600, 25)}
 VOCAB_DIR = ROOT.parent / "shared" / "vocab" / "gpt2"
 REFERENCE = "reference: transformers `GPT2LMHeadModel.from_pretrained` (HF safetensors)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="124M", choices=list(SHAPES), help="checkpoint shape (default %(default)s)")
+    p.add_argument("--size", default="124M", choices=list(GPT2_SIZES), help="checkpoint shape (default %(default)s)")
     p.add_argument("--repeat", type=int, default=3, help="loads per format; the best counts")
     p.add_argument("--vocab-dir", default=str(VOCAB_DIR), help="GPT-2 BPE files for the OpenAI layout")
     return p.parse_args(argv)
@@ -62,11 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     from groundup.weights.huggingface import read_hf_weights
     from groundup.weights.openai_tf import read_openai_weights
 
-    n_layer, n_embd, n_head = SHAPES[args.size]
     root = Path(tempfile.mkdtemp(prefix="bench-load-weights-"))
     try:
         print(f"writing a random {args.size}-shaped GPT-2 in three formats under {root} ...", file=sys.stderr)
-        model = tiny_gpt2(seed=0, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024)
+        model = random_gpt2(args.size)
         hf_dir = save_hf(model, root / "hf")
         started = time.perf_counter()
         import tensorflow  # noqa: F401

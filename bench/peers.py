@@ -52,13 +52,13 @@ os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow (~1
 
 import torch  # noqa: E402
 
-SHAPES = {"124M": (12, 768, 12), "355M": (24, 1024, 16), "tiny": (2, 64, 2)}  # tiny: bench/gpu.sh's rehearsal
+SIZES = ("124M", "355M", "gpt-tiny")  # groundup presets (gpt-tiny: bench/gpu.sh's rehearsal)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="124M", choices=list(SHAPES))
+    p.add_argument("--size", default="124M", choices=SIZES)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=200)
@@ -144,10 +144,9 @@ def same_weights(args: argparse.Namespace, root: Path) -> tuple[Path, Path]:
     """A random GPT-2 as HF safetensors, and its conversion by groundup's converter."""
     from groundup.weights import convert_checkpoint
     from groundup.weights.fetch import local_checkpoint
-    from tests.gpt2_fixtures import save_hf, tiny_gpt2
+    from tests.gpt2_fixtures import random_gpt2, save_hf
 
-    n_layer, n_embd, n_head = SHAPES[args.size]
-    model = tiny_gpt2(seed=0, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024)
+    model = random_gpt2(args.size)
     hf_dir = save_hf(model, root / "hf")
     del model
     return hf_dir, convert_checkpoint(local_checkpoint(hf_dir), root / "groundup")
@@ -355,15 +354,21 @@ def row_products(model) -> list[tuple[int, float, float]]:
     for passes of a few rows, as batched decoding and prompt lookup's checking passes make them: ms through
     ``F.linear`` (MKL) and through the layers as ``load_model`` loaded them (``FewRowsLinear`` sends 4-15
     rows by a large matrix to oneDNN), best of four."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
-        return [(rows, *pass_ms(linears, rows)) for rows in PRODUCT_ROWS]
+        return [(rows, *pass_ms(model, rows)) for rows in PRODUCT_ROWS]
 
 
-def pass_ms(linears: list, rows: int) -> tuple[float, float]:
+def linears_and_inputs(model, *leading: int) -> tuple[list, dict[int, torch.Tensor]]:
+    """Every ``Linear`` of ``model`` in order (one pass's products), and a random input of shape
+    ``(*leading, width)`` for each width they take."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linears, {n: torch.randn(*leading, n) for n in {m.in_features for m in linears}}
+
+
+def pass_ms(model, rows: int) -> tuple[float, float]:
     import torch.nn.functional as F
 
-    inputs = {n: torch.randn(rows, n) for n in {m.in_features for m in linears}}
+    linears, inputs = linears_and_inputs(model, rows)
     ms = best_ms(
         {
             "F.linear": lambda _: [F.linear(inputs[m.in_features], m.weight, m.bias) for m in linears],
@@ -379,8 +384,7 @@ def step_in_products(model, prompt: torch.Tensor) -> tuple[float, float]:
     their own, every Linear of the model once, in order). Best of six, the first of which warms up."""
     from groundup.model.generate import decode_step
 
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {n: torch.randn(1, 1, n) for n in {m.in_features for m in linears}}
+    linears, inputs = linears_and_inputs(model, 1, 1)
     cache = model.new_cache(1, prompt.shape[1] + 100)
     with torch.no_grad():
         model(prompt, cache)

@@ -1,7 +1,8 @@
 """Tiny random GPT-2 checkpoints in the real formats, and publishing them the way OpenAI and the hub do.
 
 - :func:`tiny_gpt2`: a ``transformers`` ``GPT2LMHeadModel`` (real vocabulary 50257, a few small layers) with
-  every parameter perturbed, so a mix-up of any two tensors changes the logits;
+  every parameter perturbed, so a mix-up of any two tensors changes the logits; :func:`random_gpt2` the same
+  at a groundup preset's shape (the benches' "124M", "355M", ...);
 - :func:`save_hf`: its ``config.json`` + ``model.safetensors`` as ``save_pretrained`` writes them, or
   (``hub_layout=True``) as the files on the hub are (no ``transformer.`` prefix, causal-mask buffers);
 - :func:`save_openai`: the same weights as OpenAI's TensorFlow checkpoint (same variable names and shapes as
@@ -42,6 +43,14 @@ def tiny_gpt2(seed: int = 0, **config):
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return model.eval()
+
+
+def random_gpt2(size: str, seed: int = 0):
+    """:func:`tiny_gpt2` shaped as a groundup preset or GPT-2 size (``config_from_preset``), 1024 positions."""
+    from groundup.model.gpt import config_from_preset
+
+    cfg = config_from_preset(size)
+    return tiny_gpt2(seed=seed, n_layer=cfg.n_layers, n_embd=cfg.emb_dim, n_head=cfg.n_heads, n_positions=1024)
 
 
 def save_hf(model, directory: str | Path, hub_layout: bool = False) -> Path:
